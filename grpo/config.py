@@ -1,0 +1,124 @@
+"""Typed dataclass configs from TOML files plus `key=value` overrides, and back to TOML.
+
+A config file has one table per config, e.g. `[grpo]`, `[sampling]`; each table fills one dataclass. Unknown
+keys are an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a TOML or command-line value to the field's declared type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ConfigError(f"{key} expects true/false, got {value!r}")
+        return bool(value)
+    if annotation in (int, float, str):
+        try:
+            return annotation(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key} expects {annotation.__name__}, got {value!r}") from err
+    return value
+
+
+def build_config(cls: type[T], values: dict[str, Any] | None = None, *, section: str = "") -> T:
+    """Instantiate dataclass `cls` from a dict, type-checking every key."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"[{section}] " if section else ""
+        raise ConfigError(f"{where}unknown option(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}" if section else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def read_toml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
+    """`["grpo.lr=1e-5", "sampling.top_p=0.9"]` -> {"grpo": {"lr": "1e-5"}, "sampling": {"top_p": "0.9"}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        out.setdefault(section, {})[name] = value.strip()
+    return out
+
+
+def load_sections(
+    sections: dict[str, type], toml_path: str | Path | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Fill each named dataclass from the TOML table of that name, then apply `section.key=value` overrides."""
+    raw = read_toml(toml_path)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config table(s) {unknown}; known: {sorted(sections)}")
+    for section, values in parse_overrides(overrides or []).items():
+        if section not in sections:
+            raise ConfigError(f"unknown config table {section!r} in override; known: {sorted(sections)}")
+        raw.setdefault(section, {}).update(values)
+    return {name: build_config(cls, raw.get(name), section=name) for name, cls in sections.items()}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def to_toml(configs: dict[str, Any]) -> str:
+    """Write configs as TOML tables; None values are left out (TOML has no null, and None is every default)."""
+    lines: list[str] = []
+    for section, config in configs.items():
+        lines.append(f"[{section}]")
+        for key, value in dataclasses.asdict(config).items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Rollout: sample `n` completions per prompt.
+
+The trainer talks to a `Generator`, never to a model's `generate` directly, so the Hugging Face sampler here and
+a vLLM engine are interchangeable. A `Rollout` holds left-padded prompts and right-padded responses; the response
+mask covers every sampled token up to and including the first end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Rollout:
+    """`n` samples per prompt, laid out prompt-major: rows i*n ... i*n+n-1 belong to prompt i."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P] 1 for real prompt tokens
+    response_ids: torch.Tensor  # [N, R] right-padded
+    response_mask: torch.Tensor  # [N, R] 1 for sampled tokens up to and including EOS
+    truncated: torch.Tensor  # [N] bool, True where no EOS was sampled within max_new_tokens
+    logprobs: torch.Tensor | None = None  # [N, R] sampler's per-token logprobs, when the generator has them
+    weight_version: int = 0  # version of the policy weights that produced the rollout
+
+    @property
+    def num_samples(self) -> int:
+        return self.response_ids.shape[0]
+
+
+class Generator(Protocol):
+    """Anything that samples `n` responses per prompt text."""
+
+    weight_version: int
+
+    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig) -> Rollout: ...
+
+
+def response_mask_from_eos(response_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask tokens up to and including the first EOS; also return which rows never produced one (truncated)."""
+    is_eos = torch.isin(response_ids, torch.tensor(list(eos_token_ids), device=response_ids.device))
+    eos_seen_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    mask = (~eos_seen_before).long()
+    truncated = ~is_eos.any(dim=1)
+    return mask, truncated
+
+
+class HFGenerator:
+    """Batched sampling with a transformers causal LM: KV cache, left padding, nucleus sampling, stop at EOS."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64, max_prompt_tokens: int = 1024):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.weight_version = 0
+        eos = tokenizer.eos_token_id
+        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig) -> Rollout:
+        tokenizer = self.tokenizer
+        tokenizer.padding_side = "left"
+        encoded = tokenizer(
+            list(prompts),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_prompt_tokens,
+            add_special_tokens=False,
+        )
+        prompt_ids = encoded["input_ids"].repeat_interleave(n, dim=0)
+        prompt_mask = encoded["attention_mask"].repeat_interleave(n, dim=0)
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        chunks = []
+        # A private RNG stream per call keeps sampling reproducible without disturbing the caller's global state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sampling.seed)
+            for start in range(0, prompt_ids.shape[0], self.batch_size):
+                ids = prompt_ids[start : start + self.batch_size].to(device)
+                mask = prompt_mask[start : start + self.batch_size].to(device)
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=sampling.temperature > 0,
+                    temperature=sampling.temperature if sampling.temperature > 0 else None,
+                    top_p=sampling.top_p,
+                    top_k=0,
+                    max_new_tokens=sampling.max_new_tokens,
+                    eos_token_id=self.eos_token_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,
+                )
+                chunks.append(out[:, ids.shape[1] :].cpu())
+        if was_training:
+            self.model.train()
+        width = max(chunk.shape[1] for chunk in chunks)
+        response_ids = torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks]
+        )
+        response_mask, truncated = response_mask_from_eos(response_ids, self.eos_token_ids)
+        response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            truncated=truncated,
+            weight_version=self.weight_version,
+        )
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """Decoded response texts, special tokens (EOS, padding) removed."""
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)

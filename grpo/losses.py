@@ -1,0 +1,211 @@
+"""GRPO losses as small pure tensor functions: clipped policy loss, KL penalty, token aggregation, and the
+per-token quantities they need (log-probabilities, entropy, masked means).
+
+Shapes: B sequences of T tokens; ``mask`` [B, T] is nonzero on tokens that count (response tokens) and zero on
+padding and prompt. Masked positions may hold any garbage, NaN and inf included: every reduction selects with
+``torch.where`` (a product ``x * mask`` would turn NaN * 0 into NaN), so padding never reaches a result or a
+gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+AGG_MODES: tuple[str, ...] = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+KLKind = Literal["k1", "k2", "k3"]
+KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3")
+
+# Log-ratios are clamped to +-20 before exp: exp(20) ~ 4.9e8 is finite in fp32 and bf16, and a ratio that far
+# from 1 is clipped by the PPO objective (or capped by the KL clamp) anyway. Without it one stale token with
+# exp(...) = inf turns the loss, and through inf * 0 in backward every gradient, into NaN.
+LOG_RATIO_CLAMP = 20.0
+# Per-token k3 KL is clamped to [-10, 10] (as in verl's low_var_kl) so a single outlier token cannot dominate.
+KL_CLAMP = 10.0
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum_{mask} x / max(#mask, 1) over ``dim`` (all dims when None); 0 where nothing is valid.
+
+    ``mask`` (nonzero = valid) broadcasts to x. Masked entries of x are never read, so they may be NaN/inf.
+    """
+    valid = (mask != 0).expand_as(x)
+    total = torch.where(valid, x, 0.0)
+    count = valid.sum() if dim is None else valid.sum(dim=dim)
+    total = total.sum() if dim is None else total.sum(dim=dim)
+    return total / count.clamp(min=1)
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: AggMode,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss [B, T] to a scalar. With m the mask, S = {b : sum_t m_bt > 0} the sequences with at
+    least one valid token (a fully masked row is padding, not a sequence) and L = max_len:
+
+        "token-mean":              sum_bt m_bt x_bt / sum_bt m_bt
+        "seq-mean-token-mean":     1/|S| sum_{b in S} (sum_t m_bt x_bt / sum_t m_bt)
+        "seq-mean-token-sum":      1/|S| sum_{b in S}  sum_t m_bt x_bt
+        "seq-mean-token-sum-norm": 1/(|S| L) sum_bt m_bt x_bt        (Dr. GRPO: a constant normaliser, so
+                                                                     long and short responses weigh the same
+                                                                     per token); needs max_len
+
+    ``max_len`` is ignored by the other modes. Every mode returns 0 when nothing is valid, still attached to
+    the graph with a zero gradient, so a fully padded micro-batch can go through backward.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGG_MODES}")
+    if per_token.ndim != 2 or per_token.shape != mask.shape:
+        raise ValueError(
+            f"per_token and mask must both be [B, T], got {tuple(per_token.shape)} and {tuple(mask.shape)}"
+        )
+    if mode == "token-mean":
+        return masked_mean(per_token, mask)
+    valid = mask != 0
+    has_tokens = valid.any(dim=-1)
+    if mode == "seq-mean-token-mean":
+        return masked_mean(masked_mean(per_token, valid, dim=-1), has_tokens)
+    seq_sum_mean = masked_mean(torch.where(valid, per_token, 0.0).sum(dim=-1), has_tokens)
+    if mode == "seq-mean-token-sum":
+        return seq_sum_mean
+    if max_len is None or max_len < 1:
+        raise ValueError(f"mode 'seq-mean-token-sum-norm' needs max_len >= 1, got {max_len!r}")
+    return seq_sum_mean / max_len
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg: AggMode = "token-mean",
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate (paper eq. 1) with asymmetric clipping (clip-higher when clip_high > clip_low):
+
+        r_t    = exp(clamp(logp_t - old_logp_t, -20, 20))
+        loss_t = -min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A)
+        loss   = aggregate(loss_t, mask, agg, max_len)
+
+    ``advantages`` is one value per sequence [B] (broadcast over its tokens) or per token [B, T]. logprobs is
+    [B, T] and carries the gradient; old_logprobs and advantages are treated as constants by the caller.
+    Computed in at least float32, so the subtraction, exp and reduction add no bf16 rounding to that of the
+    inputs (the loss is float32 for bf16/fp16 inputs). Masked tokens count as r = 1, A = 0: they add nothing and get a zero gradient even
+    when they hold NaN.
+
+    Metrics (detached 0-dim tensors, token means over valid tokens; 0 when none is valid):
+        clip_fraction: share of tokens where the clipped branch is active (its loss is strictly larger),
+                       i.e. tokens that get no gradient;
+        approx_kl:     k3 estimate of KL(pi_old || pi), mean of r - 1 - log r (unbiased, never negative);
+        ratio_mean, ratio_max: of r over valid tokens.
+    """
+    if not 0.0 <= clip_low <= 1.0 or clip_high < 0.0:
+        raise ValueError(f"need 0 <= clip_low <= 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if logprobs.ndim != 2 or old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
+        raise ValueError(
+            "logprobs, old_logprobs and mask must all be [B, T], got "
+            f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(mask.shape)}"
+        )
+    if advantages.shape == logprobs.shape[:1]:
+        advantages = advantages.unsqueeze(-1)
+    elif advantages.shape != logprobs.shape:
+        raise ValueError(f"advantages must be [B] or [B, T], got {tuple(advantages.shape)}")
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    valid = mask != 0
+    log_ratio = torch.where(valid, logprobs.to(dtype) - old_logprobs.to(dtype), 0.0)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    adv = torch.where(valid, advantages.to(dtype), 0.0)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = aggregate(torch.maximum(unclipped, clipped), valid, agg, max_len)
+
+    with torch.no_grad():
+        metrics = {
+            "clip_fraction": masked_mean((clipped > unclipped).to(dtype), valid),
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, valid),
+            "ratio_mean": masked_mean(ratio, valid),
+            # every ratio is > 0, so a 0 fill leaves the max of the valid ones as is (and gives 0 for none)
+            "ratio_max": torch.where(valid, ratio, 0.0).amax(),
+        }
+    return loss, metrics
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLKind = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman's k1/k2/k3), d = ref - logp:
+
+        k1 = logp - ref = -d                        unbiased, high variance, can be negative
+        k2 = 0.5 (logp - ref)^2                     biased, low variance
+        k3 = clamp(exp(d) - d - 1, -10, 10)         unbiased, low variance, >= 0 (verl's "low_var_kl")
+
+    For k3, d is first clamped to [-20, 20] so exp(d) stays finite (inf would make the backward pass NaN
+    even where the outer clamp zeroes the gradient). The caller aggregates (e.g. ``aggregate``) and adds
+    kl_coef * KL to the loss (paper: 0.001), not to the reward. Computed in at least float32. Entries must be
+    finite everywhere, padding included (or masked to equal values beforehand): a NaN at a padded token
+    would give a NaN gradient there.
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown KL kind {kind!r}; expected one of {KL_KINDS}")
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    diff = ref_logprobs.to(dtype) - logprobs.to(dtype)
+    if kind == "k1":
+        return -diff
+    if kind == "k2":
+        return 0.5 * diff.square()
+    diff = diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (torch.exp(diff) - diff - 1.0).clamp(-KL_CLAMP, KL_CLAMP)
+
+
+def _rowwise_fp32(
+    fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, chunk_rows: int
+) -> torch.Tensor:
+    """fn (a reduction over the vocabulary, [N, V] -> [N]) applied in at least float32.
+
+    bf16/fp16 logits are upcast chunk by chunk under activation checkpointing, so neither the forward nor the
+    saved-for-backward state ever holds a float32 copy of the whole [..., V] tensor, only of one chunk.
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        return fn(logits)
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = [
+        checkpoint(lambda chunk: fn(chunk.float()), chunk, use_reentrant=False)
+        for chunk in flat.split(chunk_rows)
+    ]
+    return torch.cat(parts).view(logits.shape[:-1])
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """log p(labels) = z[label] - logsumexp(z), for logits z [..., V] and integer labels [...].
+
+    logits[..., t, :] must already score labels[..., t] (shift by one for a causal LM, divide by the sampling
+    temperature first if the log-probs are to match the sampler). Equal to log_softmax(z).gather(label) but
+    never builds (or saves for backward) the [..., V] log-softmax. Float32 for bf16/fp16 logits.
+    """
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    lse = _rowwise_fp32(lambda z: torch.logsumexp(z, dim=-1), logits, chunk_rows)
+    return picked.to(lse.dtype) - lse
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """Entropy of softmax(z) over the last dim, in the stable logsumexp form (no log of a tiny probability):
+
+        H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v,   p = softmax(z)
+
+    Logits must be finite. Shape [...]; float32 for bf16/fp16 logits.
+    """
+    return _rowwise_fp32(
+        lambda z: torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1), logits, chunk_rows
+    )

@@ -1,0 +1,63 @@
+"""Optimizer, learning-rate schedule and data order shared by SFT and GRPO."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+
+def build_adamw(
+    model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def lr_lambda(*, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate: linear warmup, then constant or cosine decay to `min_lr_ratio`."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr schedule {schedule!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class IndexSampler:
+    """Endless seeded shuffles of range(n); (epoch, offset) is the whole state, so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, offset: int = 0):
+        if n < 1:
+            raise ValueError("nothing to sample from: the dataset is empty")
+        self.n, self.seed, self.epoch, self.offset = n, seed, epoch, offset
+
+    def take(self, count: int) -> list[int]:
+        picked: list[int] = []
+        while len(picked) < count:
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
+            chunk = order[self.offset : self.offset + count - len(picked)].tolist()
+            picked.extend(chunk)
+            self.offset += len(chunk)
+            if self.offset >= self.n:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return picked
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

@@ -1,0 +1,77 @@
+"""Per-token log-probabilities of sampled responses under a causal LM.
+
+Prompt (left-padded) and response (right-padded) are concatenated, so real tokens are contiguous only within each
+part; position ids are counted over real tokens so a padded row sees the same positions as an unpadded one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo.losses import entropy_from_logits, token_logprobs
+
+
+def concat_prompt_response(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids of the full sequences."""
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def response_logprobs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(y_t | x, y_<t) for every response position, [N, R] (and the entropy of each next-token distribution).
+
+    Logits are divided by the sampling temperature so the log-probabilities are those of the distribution the
+    responses were drawn from. They stay in the model's dtype: `token_logprobs` upcasts chunk by chunk, so no
+    float32 copy of the whole [N, R, vocab] tensor is made.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask, position_ids = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
+    logits = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        use_cache=False,
+    ).logits
+    prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
+    # The logit at position t predicts token t+1: response token j is predicted at prompt_len + j - 1.
+    response_logits = logits[:, prompt_len - 1 : prompt_len + response_len - 1]
+    if temperature != 1.0:
+        response_logits = response_logits / temperature
+    logprobs = token_logprobs(response_logits, response_ids.to(device))
+    entropy = entropy_from_logits(response_logits) if with_entropy else None
+    return logprobs, entropy
+
+
+@torch.no_grad()
+def batched_response_logprobs(model, rollout, *, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """`response_logprobs` over a whole rollout in micro-batches, without gradients (old and reference policies)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, rollout.num_samples, micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        logprobs, _ = response_logprobs(
+            model,
+            rollout.prompt_ids[rows],
+            rollout.prompt_mask[rows],
+            rollout.response_ids[rows],
+            rollout.response_mask[rows],
+            temperature=temperature,
+        )
+        out.append(logprobs.cpu())
+    if was_training:
+        model.train()
+    return torch.cat(out)

@@ -1,0 +1,61 @@
+"""Step logs: one JSON object per line on disk, one compact line on the console, optional TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return value
+
+
+class RunLogger:
+    """Appends metrics to `path` (JSONL), so a resumed run continues the same file."""
+
+    def __init__(self, path: Path, *, console: Console | None = None, tensorboard_dir: Path | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.console = console or Console(stderr=True)
+        self.tensorboard = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency
+
+            self.tensorboard = SummaryWriter(str(tensorboard_dir))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step`: after a resume those steps are run again and must not appear twice."""
+        if self.path.exists():
+            kept = [r for r in read_log(self.path) if r.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, step: int, metrics: dict[str, Any], console_keys: tuple[str, ...] = ()) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.tensorboard.add_scalar(key, value, step)
+        if console_keys:
+            parts = [f"{k}={record[k]:.4g}" if isinstance(record.get(k), float) else f"{k}={record.get(k)}" for k in console_keys]
+            self.console.print(f"[bold]step {step}[/bold] " + " ".join(parts))
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """All records of a JSONL log; a torn last line (a killed writer) is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

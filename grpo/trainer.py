@@ -1,0 +1,367 @@
+"""The GRPO loop, top to bottom (Shao et al. 2024; the paper's section 4 and appendix A.1).
+
+One step:
+  1. take `prompts_per_step` prompts and sample `group_size` responses for each (the generator);
+  2. score every response with the reward callable;
+  3. advantages A_i = (R_i - mean_group) / (std_group + eps)  (grpo.advantages);
+  4. old log-probabilities (the sampling policy) and reference log-probabilities (the frozen initial model);
+  5. `ppo_epochs` passes over shuffled mini-batches: clipped policy loss + kl_coef * KL(pi || pi_ref), micro-batch
+     gradient accumulation, gradient clipping, AdamW, learning-rate schedule;
+  6. push the new weights to the generator, log, checkpoint.
+
+The trainer knows nothing of crystals: prompts are texts with metadata, the reward is any
+`(metas, completions) -> (rewards, infos)` callable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from grpo.advantages import group_advantages
+from grpo.checkpoint import load_checkpoint, save_checkpoint
+from grpo.generation import Generator, Rollout, SamplingConfig, decode_responses
+from grpo.optim import IndexSampler, build_adamw, lr_lambda
+from grpo.losses import aggregate, kl_penalty, masked_mean, policy_loss
+from grpo.policy import batched_response_logprobs, response_logprobs
+from grpo.run_log import RunLogger
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[Sequence[dict], Sequence[str]], tuple[list[float], list[dict]]]
+
+
+@dataclass
+class PromptItem:
+    """A prompt ready for the tokenizer (chat template applied) and the metadata the reward needs."""
+
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GRPOConfig:
+    # Run length and batch shape. The paper uses 1024 prompts x 5 samples (A.1) and says 8 samples (sec. 4);
+    # group_size defaults to 8. The defaults here are scaled for a CPU run.
+    total_steps: int = 100
+    prompts_per_step: int = 8
+    group_size: int = 8
+    ppo_epochs: int = 1
+    mini_batch_size: int = 0  # samples per optimizer step; 0 means the whole step's batch (one update per step)
+    micro_batch_size: int = 8  # samples per forward/backward (gradient accumulation inside a mini-batch)
+    # Optimizer (A.1: lr 1e-6 for Qwen2.5-7B; small models from scratch need more, see the CLI presets)
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    # Loss (A.1: low-variance KL in the loss with coefficient 0.001, no entropy bonus)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.001
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_eps: float = 1e-6
+    # Sampling (A.1: responses up to 1024 tokens)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    # Rollouts older than this many weight updates are refused (0: strictly on-policy)
+    max_weight_lag: int = 0
+    # Bookkeeping
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    log_every: int = 1
+
+
+def sanitize_rewards(rewards: Sequence[float]) -> tuple[torch.Tensor, int]:
+    """Replace non-finite rewards by the worst finite reward of the batch (never a bonus); count them."""
+    values = torch.tensor([float(r) for r in rewards], dtype=torch.float64)
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        worst = values[~bad].min() if (~bad).any() else torch.tensor(0.0, dtype=torch.float64)
+        values = torch.where(bad, worst, values)
+    return values, int(bad.sum())
+
+
+def micro_batch_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, agg: str) -> float:
+    """Share of a mini-batch's loss carried by one micro-batch, so accumulated gradients equal the full batch's.
+
+    token-mean normalises by valid tokens; the sequence modes by non-empty sequences (as `aggregate` does).
+    """
+    if agg == "token-mean":
+        return float(micro_mask.sum()) / max(1.0, float(mini_mask.sum()))
+    return float((micro_mask.sum(1) > 0).sum()) / max(1.0, float((mini_mask.sum(1) > 0).sum()))
+
+
+class GRPOTrainer:
+    def __init__(
+        self,
+        *,
+        model,
+        tokenizer,
+        generator: Generator,
+        prompts: Sequence[PromptItem],
+        reward_fn: RewardFn,
+        config: GRPOConfig,
+        run_dir: str | Path,
+        ref_model=None,
+        extra_state: dict[str, Any] | None = None,
+        console_log: bool = True,
+    ):
+        if config.kl_coef > 0 and ref_model is None:
+            raise ValueError("kl_coef > 0 needs a reference model (or set kl_coef = 0)")
+        self.model, self.tokenizer, self.generator = model, tokenizer, generator
+        self.ref_model = ref_model if config.kl_coef > 0 else None
+        self.prompts, self.reward_fn, self.config = list(prompts), reward_fn, config
+        self.run_dir = Path(run_dir)
+        self.extra_state = extra_state or {}
+        self.sampler = IndexSampler(len(self.prompts), config.seed)
+        self.step_count = 0
+        self.weight_version = 0
+        self.optimizer = build_adamw(
+            model, lr=config.lr, weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lr_lambda(
+                warmup_steps=config.warmup_steps,
+                total_steps=config.total_steps,
+                schedule=config.lr_schedule,
+                min_lr_ratio=config.min_lr_ratio,
+            ),
+        )
+        self.logger = RunLogger(self.run_dir / "train_log.jsonl")
+        self.console_log = console_log
+        self.sampling = SamplingConfig(
+            temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed
+        )
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "sampler": self.sampler.state(),
+            "weight_version": self.weight_version,
+            "config": asdict(self.config),
+            **self.extra_state,
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir,
+            self.step_count,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=self.state(),
+            keep_last=self.config.keep_last,
+        )
+
+    def restore(self, checkpoint_path: str | Path) -> None:
+        """Continue from a checkpoint whose model weights are already loaded into `self.model`."""
+        loaded = load_checkpoint(Path(checkpoint_path), optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step_count = loaded.step
+        self.weight_version = loaded.state["weight_version"]
+        self.generator.weight_version = self.weight_version
+        self.sampler.load_state(loaded.state["sampler"])
+        self.logger.truncate_after(self.step_count)
+
+    # -- one step --------------------------------------------------------------------------------------------
+    def _score(self, metas: list[dict], texts: list[str]) -> tuple[torch.Tensor, list[dict], int]:
+        """Rewards for every sample; a reward callable that raises costs this step its signal, not the run."""
+        try:
+            rewards, infos = self.reward_fn(metas, texts)
+            if len(rewards) != len(texts):
+                raise ValueError(f"reward returned {len(rewards)} values for {len(texts)} samples")
+        except Exception as err:  # noqa: BLE001 - a reward failure must never kill a training run
+            log.exception("reward function failed on the whole batch; this step gets zero advantages")
+            rewards, infos = [float("nan")] * len(texts), [{"penalty": f"reward_error: {type(err).__name__}"}] * len(texts)
+        values, nonfinite = sanitize_rewards(rewards)
+        return values, list(infos), nonfinite
+
+    def step(self) -> dict[str, Any]:
+        cfg = self.config
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        indices = self.sampler.take(cfg.prompts_per_step)
+        batch = [self.prompts[i] for i in indices]
+        self.sampling.seed = cfg.seed * 1_000_003 + self.step_count  # fresh, reproducible samples each step
+        rollout: Rollout = self.generator.generate([p.text for p in batch], cfg.group_size, self.sampling)
+        lag = self.weight_version - rollout.weight_version
+        if lag > cfg.max_weight_lag:
+            raise RuntimeError(f"rollout is {lag} weight versions old (max_weight_lag={cfg.max_weight_lag})")
+        texts = decode_responses(self.tokenizer, rollout)
+        timings["generate"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        metas = [p.meta for p in batch for _ in range(cfg.group_size)]
+        rewards, infos, nonfinite = self._score(metas, texts)
+        advantages = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale, eps=cfg.advantage_eps)
+        advantages = advantages.float()
+        timings["reward"] = time.perf_counter() - t
+
+        num_samples = rollout.num_samples
+        mini_batch_size = cfg.mini_batch_size or num_samples
+        # One epoch over one mini-batch is exactly on-policy: the old log-probs equal the current ones at the
+        # start of the update, so take them (detached) from the update's own forward pass and skip a pass.
+        reuse_current_as_old = cfg.ppo_epochs == 1 and mini_batch_size >= num_samples
+        t = time.perf_counter()
+        old_logprobs = None
+        if not reuse_current_as_old:
+            old_logprobs = batched_response_logprobs(
+                self.model, rollout, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature
+            )
+        ref_logprobs = None
+        if self.ref_model is not None:
+            ref_logprobs = batched_response_logprobs(
+                self.ref_model, rollout, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature
+            )
+        timings["logprob"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        update_metrics = self._update(rollout, advantages, old_logprobs, ref_logprobs, mini_batch_size)
+        timings["update"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.weight_version += 1
+        self.generator.weight_version = self.weight_version
+        sync = getattr(self.generator, "load_weights", None)
+        if callable(sync):
+            sync(self.model, self.weight_version)
+        timings["sync"] = time.perf_counter() - t
+        self.step_count += 1
+
+        total_time = time.perf_counter() - t0
+        response_lengths = rollout.response_mask.sum(1).float()
+        tokens = float(rollout.prompt_mask.sum() + rollout.response_mask.sum())
+        penalties = Counter(info.get("penalty") for info in infos if info.get("penalty"))
+        metrics: dict[str, Any] = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std(unbiased=False).item(),
+            "reward_min": rewards.min().item(),
+            "reward_max": rewards.max().item(),
+            "valid_fraction": 1.0 - sum(penalties.values()) / num_samples,
+            "nonfinite_rewards": nonfinite,
+            "response_length": response_lengths.mean().item(),
+            "truncated_fraction": rollout.truncated.float().mean().item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens / total_time,
+            **update_metrics,
+            **{f"time_{k}": v for k, v in timings.items()},
+            "time_step": total_time,
+            **{f"penalty/{reason}": count for reason, count in sorted(penalties.items())},
+        }
+        return metrics
+
+    def _update(
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        old_logprobs: torch.Tensor | None,
+        ref_logprobs: torch.Tensor | None,
+        mini_batch_size: int,
+    ) -> dict[str, float]:
+        cfg = self.config
+        self.model.train()
+        device = next(self.model.parameters()).device
+        max_len = cfg.max_new_tokens
+        sums: Counter[str] = Counter()
+        updates = 0
+        generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step_count)
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(rollout.num_samples, generator=generator)
+            for mini_start in range(0, rollout.num_samples, mini_batch_size):
+                mini = order[mini_start : mini_start + mini_batch_size]
+                mini_mask = rollout.response_mask[mini]
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro_start in range(0, len(mini), cfg.micro_batch_size):
+                    rows = mini[micro_start : micro_start + cfg.micro_batch_size]
+                    mask = rollout.response_mask[rows].to(device)
+                    logprobs, entropy = response_logprobs(
+                        self.model,
+                        rollout.prompt_ids[rows],
+                        rollout.prompt_mask[rows],
+                        rollout.response_ids[rows],
+                        rollout.response_mask[rows],
+                        temperature=cfg.temperature,
+                        with_entropy=True,
+                    )
+                    old = logprobs.detach() if old_logprobs is None else old_logprobs[rows].to(device)
+                    loss, metrics = policy_loss(
+                        logprobs,
+                        old,
+                        advantages[rows].to(device),
+                        mask,
+                        clip_low=cfg.clip_low,
+                        clip_high=cfg.clip_high,
+                        agg=cfg.loss_agg,
+                        max_len=max_len,
+                    )
+                    if ref_logprobs is not None:
+                        kl = aggregate(
+                            kl_penalty(logprobs, ref_logprobs[rows].to(device), kind=cfg.kl_kind), mask, cfg.loss_agg, max_len
+                        )
+                        loss = loss + cfg.kl_coef * kl
+                        sums["kl"] += kl.item()
+                    if cfg.entropy_coef:
+                        loss = loss - cfg.entropy_coef * aggregate(entropy, mask, cfg.loss_agg, max_len)
+                    (loss * micro_batch_weight(rollout.response_mask[rows], mini_mask, cfg.loss_agg)).backward()
+                    sums["loss"] += loss.item()
+                    sums["entropy"] += masked_mean(entropy.detach(), mask).item()
+                    sums["clip_fraction"] += float(metrics["clip_fraction"])
+                    sums["approx_kl"] += float(metrics["approx_kl"])
+                    sums["micro_batches"] += 1
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    # A non-finite gradient would poison the weights; skip this update and say so.
+                    log.warning("non-finite gradient norm at step %d; update skipped", self.step_count)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    sums["skipped_updates"] += 1
+                else:
+                    self.optimizer.step()
+                sums["grad_norm"] += float(grad_norm)
+                updates += 1
+        self.scheduler.step()
+        n = max(1, sums.pop("micro_batches"))
+        out = {k: sums[k] / n for k in ("loss", "entropy", "clip_fraction", "approx_kl", "kl")}
+        out["grad_norm"] = sums["grad_norm"] / max(1, updates)
+        out["skipped_updates"] = sums["skipped_updates"]
+        return out
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    def train(self, *, progress: bool = True) -> list[dict[str, Any]]:
+        """Run until `total_steps`, checkpointing every `checkpoint_every` steps and at the end."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cfg = self.config
+        history = []
+        columns = [TextColumn("GRPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, disable=not progress, transient=True) as bar:
+            task = bar.add_task("grpo", total=cfg.total_steps, completed=self.step_count)
+            while self.step_count < cfg.total_steps:
+                metrics = self.step()
+                history.append(metrics)
+                if self.step_count % cfg.log_every == 0 or self.step_count == cfg.total_steps:
+                    keys = ("reward_mean", "valid_fraction", "kl", "grad_norm", "time_step") if self.console_log else ()
+                    self.logger.log(self.step_count, metrics, console_keys=keys)
+                if self.step_count % cfg.checkpoint_every == 0 or self.step_count == cfg.total_steps:
+                    self.save()
+                bar.update(task, completed=self.step_count)
+        return history

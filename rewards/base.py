@@ -1,0 +1,186 @@
+"""The reward interface: a batch of samples in, one finite float and one info dict per sample out.
+
+A *sample* is one completion for one prompt: the prompt's formula and element set, the generated text and
+its parse (a pymatgen ``Structure``, or the ``ParseError`` reason). A *reward* maps a batch of samples to
+``RewardOutput(rewards, infos)``. Batching is the default because potentials are fastest on batches; a
+plain per-sample function is adapted by ``FunctionReward``.
+
+``CrystalTextReward`` is what the GRPO trainer calls with ``(metas, texts)``. It parses every text and
+guarantees the contract the trainer relies on, whatever the wrapped reward does:
+
+- one reward and one info dict per text, in order;
+- every reward finite: a NaN/inf reward, or an exception raised by the reward, becomes the failure
+  penalty for that sample (the batch is retried one sample at a time to find which one raised);
+- every info has ``reward``, ``penalty`` (reason string or None), ``parse_s`` and ``reward_s`` (seconds);
+- penalty reasons are counted in ``CrystalTextReward.counts`` and failures are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from pymatgen.core import Composition, Structure
+
+from crystals.text import ParseError, format_structure, parse_structure
+
+log = logging.getLogger(__name__)
+
+# The paper's penalty (-0.1) for an unusable generation; rewards may expose their own `failure_penalty`.
+DEFAULT_FAILURE_PENALTY = -0.1
+
+
+def elements_of(formula: str) -> frozenset[str]:
+    """Element symbols of a formula, e.g. "Fe2O3" -> {"Fe", "O"}."""
+    return frozenset(el.symbol for el in Composition(formula).elements)
+
+
+@dataclass
+class Sample:
+    """One generated crystal for one prompt.
+
+    ``structure`` is None exactly when the text did not parse; ``parse_error`` then holds the parser's
+    machine-readable reason (e.g. "bad_lattice", "too_many_atoms").
+    """
+
+    formula: str
+    elements: frozenset[str]
+    text: str
+    structure: Structure | None
+    parse_error: str | None = None
+
+    @classmethod
+    def from_text(
+        cls, formula: str, text: str, max_atoms: int = 20, elements: frozenset[str] | None = None
+    ) -> Sample:
+        """Parse ``text``; more than ``max_atoms`` atoms is the parse error "too_many_atoms"."""
+        elements = elements_of(formula) if elements is None else frozenset(elements)
+        try:
+            structure = parse_structure(text, max_atoms=max_atoms)
+        except ParseError as exc:
+            return cls(formula, elements, text, None, exc.reason)
+        return cls(formula, elements, text, structure, None)
+
+    @classmethod
+    def from_structure(
+        cls, structure: Structure, formula: str | None = None, elements: frozenset[str] | None = None
+    ) -> Sample:
+        """A sample for an already-built structure (evaluation, CIF files); the prompt defaults to its own
+        reduced formula."""
+        formula = structure.composition.reduced_formula if formula is None else formula
+        elements = elements_of(formula) if elements is None else frozenset(elements)
+        return cls(formula, elements, format_structure(structure), structure, None)
+
+
+@dataclass
+class RewardOutput:
+    rewards: list[float]
+    infos: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.infos:
+            self.infos = [{} for _ in self.rewards]
+        if len(self.infos) != len(self.rewards):
+            raise ValueError(f"{len(self.rewards)} rewards but {len(self.infos)} infos")
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """Anything with a ``name`` that maps a batch of samples to a RewardOutput of the same length."""
+
+    name: str
+
+    def __call__(self, samples: Sequence[Sample]) -> RewardOutput: ...
+
+
+class FunctionReward:
+    """Adapts ``fn(sample) -> float`` or ``fn(sample) -> (float, info_dict)`` to the batched protocol."""
+
+    def __init__(self, fn: Callable[[Sample], float | tuple[float, dict]], name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "function")
+
+    def __call__(self, samples: Sequence[Sample]) -> RewardOutput:
+        rewards, infos = [], []
+        for sample in samples:
+            value = self.fn(sample)
+            reward, info = value if isinstance(value, tuple) else (value, {})
+            rewards.append(float(reward))
+            infos.append(dict(info))
+        return RewardOutput(rewards, infos)
+
+
+class CrystalTextReward:
+    """The ``RewardFn`` the GRPO trainer calls: ``(metas, texts) -> (rewards, infos)``.
+
+    Each meta needs "formula"; "elements" (the prompt's element set) defaults to the formula's elements.
+    ``failure_penalty`` (used when the reward raises or returns a non-finite value) defaults to the
+    reward's own ``failure_penalty`` attribute, else -0.1.
+    """
+
+    def __init__(self, reward: Reward, max_atoms: int = 20, failure_penalty: float | None = None):
+        self.reward = reward
+        self.max_atoms = max_atoms
+        if failure_penalty is None:
+            failure_penalty = getattr(reward, "failure_penalty", DEFAULT_FAILURE_PENALTY)
+        self.failure_penalty = float(failure_penalty)
+        self.counts: Counter[str] = Counter()  # penalty reason -> number of samples, over all calls
+        self.name = reward.name
+
+    def samples(self, metas: Sequence[dict], texts: Sequence[str]) -> tuple[list[Sample], list[float]]:
+        """Parsed samples and the seconds each parse took."""
+        if len(metas) != len(texts):
+            raise ValueError(f"{len(metas)} metas but {len(texts)} texts")
+        samples, seconds = [], []
+        for meta, text in zip(metas, texts, strict=True):
+            if "formula" not in meta:
+                raise KeyError(f"prompt metadata needs a 'formula' key, got keys {sorted(meta)}")
+            elements = meta.get("elements")
+            t0 = time.perf_counter()
+            samples.append(
+                Sample.from_text(
+                    meta["formula"], text, self.max_atoms, None if elements is None else frozenset(elements)
+                )
+            )
+            seconds.append(time.perf_counter() - t0)
+        return samples, seconds
+
+    def __call__(self, metas: Sequence[dict], texts: Sequence[str]) -> tuple[list[float], list[dict]]:
+        samples, parse_seconds = self.samples(metas, texts)
+        t0 = time.perf_counter()
+        pairs = self._score(samples)
+        reward_s = (time.perf_counter() - t0) / max(len(samples), 1)
+        rewards, infos = [], []
+        for sample, (reward, info), parse_s in zip(samples, pairs, parse_seconds, strict=True):
+            info = {**info, "penalty": info.get("penalty"), "parse_s": parse_s, "reward_s": reward_s}
+            if not math.isfinite(reward):
+                log.warning("reward %s gave %r for %s; using the failure penalty", self.name, reward, sample.formula)
+                info["penalty"], info["nonfinite_value"] = "nonfinite_reward", str(reward)
+                reward = self.failure_penalty
+            info["reward"] = reward
+            if info["penalty"] is not None:
+                self.counts[info["penalty"]] += 1
+            rewards.append(reward)
+            infos.append(info)
+        return rewards, infos
+
+    def _score(self, samples: list[Sample]) -> list[tuple[float, dict]]:
+        """(reward, info) per sample; a batch that raises is retried one sample at a time so that only the
+        sample that raises gets the failure penalty."""
+        try:
+            out = self.reward(samples)
+            if len(out.rewards) != len(samples):
+                raise ValueError(f"reward returned {len(out.rewards)} values for {len(samples)} samples")
+            return [(float(r), dict(i)) for r, i in zip(out.rewards, out.infos, strict=True)]
+        except Exception as exc:
+            if len(samples) > 1:
+                log.warning("reward %s raised on a batch of %d (%r); retrying one by one", self.name, len(samples), exc)
+                return [pair for sample in samples for pair in self._score([sample])]
+            reason = f"reward_error:{type(exc).__name__}"
+            log.warning("reward %s raised on %s: %r", self.name, samples[0].formula, exc)
+            return [(self.failure_penalty, {"penalty": reason, "error": str(exc)[:500]})]

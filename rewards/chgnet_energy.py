@@ -1,0 +1,81 @@
+"""The paper's reward: minus the CHGNet energy of the generated (unrelaxed) structure.
+
+    reward = -E_CHGNet / N   [eV/atom]     (or -E_CHGNet [eV per cell] with per_cell=True)
+
+Lower energy is better, hence the sign. CHGNet 0.3.0 (shipped with chgnet 0.4.x) was trained on MPtrj
+energies that already include the MP2020 anion/U corrections, so its energies are on the corrected MP scale
+(``energy_scale = "mp2020_corrected"``; see rewards/hull.py for the check against MP-20).
+
+Inference is batched: graphs are built per structure (so a structure the graph converter rejects, e.g.
+isolated atoms, fails alone) and then evaluated ``batch_size`` at a time with energy only (no forces, no
+autograd). Guarding, caching and failure isolation come from ``rewards.potential.EnergyEvaluator``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+from pymatgen.core import Structure
+
+from rewards.penalties import Penalties, PenaltyConfig
+from rewards.potential import EnergyReward, GuardConfig
+
+
+@lru_cache(maxsize=4)
+def load_chgnet(model_name: str = "0.3.0", device: str | None = None):
+    """The pretrained CHGNet, loaded once per (model, device) per process (loading takes ~1 s)."""
+    from chgnet.model import CHGNet
+
+    return CHGNet.load(model_name=model_name, use_device=device, verbose=False)
+
+
+class CHGNetPotential:
+    """CHGNet as a batched ``Potential``: ``prepare`` = graph conversion, ``predict`` = energies (eV/atom)."""
+
+    energy_scale = "mp2020_corrected"
+
+    def __init__(self, model_name: str = "0.3.0", device: str | None = None, batch_size: int = 32, model=None):
+        self.model = load_chgnet(model_name, device) if model is None else model
+        self.device = device
+        self.batch_size = batch_size
+        self.name = f"chgnet-{model_name}"
+
+    def prepare(self, structure: Structure) -> Any:
+        return self.model.graph_converter(structure)
+
+    def predict(self, graphs: Sequence[Any]) -> list[float]:
+        import torch
+
+        with torch.no_grad():  # energies only: no force/stress graph to keep
+            preds = self.model.predict_graph(list(graphs), task="e", batch_size=self.batch_size)
+        preds = [preds] if isinstance(preds, dict) else preds
+        return [float(p["e"]) for p in preds]
+
+    def calculator(self) -> Any:
+        from chgnet.model.dynamics import CHGNetCalculator
+
+        return CHGNetCalculator(model=self.model, use_device=self.device)
+
+
+class CHGNetEnergyReward(EnergyReward):
+    """reward = -CHGNet energy per atom (eV/atom), or per cell with ``per_cell``; gate and penalties as in
+    ``PotentialReward`` (paper defaults: -0.1)."""
+
+    name = "chgnet-etot"
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        device: str | None = None,
+        model_name: str = "0.3.0",
+        per_cell: bool = False,
+        potential: CHGNetPotential | None = None,
+        penalties: Penalties | PenaltyConfig | Mapping | None = None,
+        guard: GuardConfig | None = None,
+        cache_size: int = 100_000,
+        relax_steps: int = 0,
+    ):
+        potential = potential or CHGNetPotential(model_name, device, batch_size)
+        super().__init__(potential, per_cell, penalties, guard, cache_size, relax_steps)

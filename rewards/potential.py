@@ -1,0 +1,359 @@
+"""Structure -> MLIP energy per atom, robustly: what every potential-based reward shares.
+
+A ``Potential`` (CHGNet, any ASE calculator) only knows two steps: ``prepare(structure)`` (per structure:
+graph or ASE Atoms) and ``predict(prepared_batch) -> [eV/atom]`` (batched). ``EnergyEvaluator`` wraps them
+so that one bad structure costs only its own reward:
+
+1. ``guard_structure`` rejects cells that would make the neighbour list explode or be meaningless before
+   any potential code runs: non-finite or ~0 volume, huge cells (isolated atoms at the cutoff), a density
+   that implies too many neighbours within the cutoff, or a cell so skewed that the number of periodic
+   images to search explodes (images ~ prod_i (2*ceil(r_cut / w_i) + 1), w_i the cell's plane spacings).
+2. Cache: results are keyed by ``structure_key`` (rounded lattice parameters + sorted species/fractional
+   coordinates, so rotations, site order and repeated generations hit the cache).
+3. ``prepare`` runs per structure (an exception or timeout fails only that structure); ``predict`` runs per
+   batch of ``potential.batch_size``; a batch that raises, times out or returns the wrong number of values
+   is retried one structure at a time; a NaN/inf energy fails that structure.
+
+Timeouts use SIGALRM when called from the main thread with no other interval timer running; a long call
+inside C code is interrupted when it returns to Python, and elsewhere (other threads) an over-long call is
+failed after the fact. ``relax_steps > 0`` first relaxes each structure briefly (FIRE + FrechetCellFilter
+through the potential's ASE calculator), per structure, under the same timeout.
+
+``PotentialReward`` = the ``Penalties`` gate + ``EnergyEvaluator`` + a per-sample ``score``; ``EnergyReward``
+is reward = -E (eV/atom, or eV per cell with ``per_cell``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+import numpy as np
+from pymatgen.core import Structure
+
+from rewards.base import RewardOutput, Sample
+from rewards.penalties import Penalties, PenaltyConfig, make_penalties
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Which energy scale a potential predicts, needed to put its energies on the MP-20 hull:
+# "mp2020_corrected": MP GGA/GGA+U energies with MP2020 corrections included (CHGNet, SevenNet-0: trained on
+#   MPtrj's corrected energies); "mp_uncorrected": raw MP GGA/GGA+U energies (the correction must be added);
+# "other": any other DFT setup (UMA/OMat24), not comparable with MP formation energies.
+EnergyScale = Literal["mp2020_corrected", "mp_uncorrected", "other"]
+
+
+class Potential(Protocol):
+    name: str
+    batch_size: int
+    energy_scale: EnergyScale
+
+    def prepare(self, structure: Structure) -> Any:
+        """Per-structure preprocessing (graph, ASE Atoms); may raise for that structure only."""
+
+    def predict(self, prepared: Sequence[Any]) -> list[float]:
+        """Energies per atom (eV/atom) of a batch of prepared structures."""
+
+    def calculator(self) -> Any:
+        """An ASE calculator of the same model (for relaxation)."""
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Limits checked before a structure reaches a potential; ``timeout_s`` bounds each call."""
+
+    cutoff: float = 6.0  # A, neighbour cutoff of the potential (CHGNet's atom graph: 6 A)
+    max_volume_per_atom: float = 250.0  # A^3; MP-20 tops out near 100, beyond this atoms sit alone
+    max_neighbors_per_atom: float = 500.0  # (N/V) * 4/3 pi r_cut^3; diamond (densest MP-20 case) ~ 160
+    max_images: int = 100_000  # periodic images the neighbour search would visit
+    timeout_s: float | None = 60.0
+
+
+def guard_structure(structure: Structure, config: GuardConfig) -> str | None:
+    """Why this cell cannot be given to a potential (None when it can)."""
+    matrix = structure.lattice.matrix
+    if not np.all(np.isfinite(matrix)) or not np.all(np.isfinite(structure.frac_coords)):
+        return "nonfinite_cell"
+    volume = abs(float(np.linalg.det(matrix)))
+    if volume < 1e-6:
+        return "zero_volume"
+    n_atoms = len(structure)
+    if volume / n_atoms > config.max_volume_per_atom:
+        return "huge_cell"
+    if n_atoms / volume * 4 / 3 * math.pi * config.cutoff**3 > config.max_neighbors_per_atom:
+        return "too_many_neighbors"
+    # plane spacing w_i = V / |a_j x a_k|; the search visits ceil(r / w_i) images each way along i
+    areas = np.linalg.norm(np.cross(matrix[[1, 2, 0]], matrix[[2, 0, 1]]), axis=1)
+    reach = np.ceil(config.cutoff * areas / volume)
+    if float(np.prod(2 * reach + 1)) > config.max_images:
+        return "too_many_images"
+    return None
+
+
+def structure_key(structure: Structure, decimals: int = 4) -> tuple:
+    """Hashable key equal for the same crystal written in the same cell, whatever the site order or the
+    lattice orientation: rounded (a, b, c, alpha, beta, gamma) + sorted (Z, rounded wrapped frac coords)."""
+    params = np.round(np.array(structure.lattice.parameters, dtype=float), decimals)
+    frac = np.round(np.mod(structure.frac_coords, 1.0), decimals) % 1.0
+    sites = sorted(
+        (site.specie.Z, *coords)
+        for site, coords in zip(structure, frac.tolist(), strict=True)
+    )
+    return (tuple(params.tolist()), tuple(sites))
+
+
+class Timeout(Exception):
+    pass
+
+
+def _raise_timeout(signum, frame):
+    raise Timeout("deadline passed")
+
+
+def call_with_timeout(fn: Callable[[], T], seconds: float | None) -> T:
+    """``fn()``, raising ``Timeout`` once it has run ``seconds`` (see the module docstring for limits)."""
+    if seconds is None:
+        return fn()
+    use_alarm = (
+        threading.current_thread() is threading.main_thread()
+        and hasattr(signal, "setitimer")
+        and signal.getitimer(signal.ITIMER_REAL)[0] == 0  # never steal a timer someone else set
+    )
+    if use_alarm:
+        previous = signal.signal(signal.SIGALRM, _raise_timeout)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.perf_counter()
+    try:
+        result = fn()
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    if time.perf_counter() - start > seconds:
+        raise Timeout(f"took {time.perf_counter() - start:.1f} s > {seconds} s")
+    return result
+
+
+def relax_structure(structure: Structure, calculator: Any, steps: int, fmax: float = 0.05) -> Structure:
+    """At most ``steps`` FIRE steps on positions and cell (FrechetCellFilter) with an ASE calculator."""
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import FIRE
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    atoms = AseAtomsAdaptor.get_atoms(structure)
+    atoms.calc = calculator
+    FIRE(FrechetCellFilter(atoms), logfile=None).run(fmax=fmax, steps=steps)
+    return AseAtomsAdaptor.get_structure(atoms)
+
+
+@dataclass(frozen=True)
+class EnergyResult:
+    """Energy per atom (eV/atom, NaN when ``failure`` says why there is none) of ``structure`` (the relaxed
+    one when relaxing); ``seconds`` is this structure's share of the potential time."""
+
+    energy_per_atom: float
+    structure: Structure
+    failure: str | None = None
+    seconds: float = 0.0
+    cached: bool = False
+
+
+class EnergyEvaluator:
+    """Guarded, cached, batched, failure-isolated energies from a ``Potential``."""
+
+    def __init__(
+        self,
+        potential: Potential,
+        guard: GuardConfig | None = None,
+        cache_size: int = 100_000,
+        relax_steps: int = 0,
+        relax_fmax: float = 0.05,
+    ):
+        self.potential = potential
+        self.guard = guard or GuardConfig()
+        self.cache_size = cache_size
+        self.relax_steps = relax_steps
+        self.relax_fmax = relax_fmax
+        self._cache: OrderedDict[tuple, tuple[float, Structure]] = OrderedDict()
+        self._calculator = None
+        self.failures: Counter[str] = Counter()  # reason -> count, over all calls
+
+    def __call__(self, structures: Sequence[Structure]) -> list[EnergyResult]:
+        results: list[EnergyResult | None] = [None] * len(structures)
+        pending: dict[tuple, list[int]] = {}  # key -> indices of structures waiting for that key
+        prepared: list[tuple[tuple, Any, Structure, float]] = []  # (key, prepared, structure, seconds)
+        for i, structure in enumerate(structures):
+            reason = guard_structure(structure, self.guard)
+            if reason is not None:
+                results[i] = self._failed(structure, reason)
+                continue
+            key = structure_key(structure)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                energy, final = self._cache[key]
+                results[i] = EnergyResult(energy, final, cached=True)
+            elif key in pending:
+                pending[key].append(i)  # same crystal twice in one batch: compute once
+            else:
+                pending[key] = [i]
+                start = time.perf_counter()
+                try:
+                    final, item = call_with_timeout(lambda s=structure: self._prepare(s), self.guard.timeout_s)
+                except Timeout:
+                    results[i] = self._failed(structure, "timeout")
+                    del pending[key]
+                    continue
+                except Exception as exc:
+                    results[i] = self._failed(structure, f"prepare_error:{type(exc).__name__}", exc)
+                    del pending[key]
+                    continue
+                prepared.append((key, item, final, time.perf_counter() - start))
+        size = max(1, self.potential.batch_size)
+        for lo in range(0, len(prepared), size):
+            chunk = prepared[lo : lo + size]
+            for (key, _, final, prep_s), (energy, failure, predict_s) in zip(
+                chunk, self._predict(chunk), strict=True
+            ):
+                first, *repeats = pending[key]
+                if failure is None:
+                    self._remember(key, energy, final)
+                    results[first] = EnergyResult(energy, final, seconds=prep_s + predict_s)
+                else:
+                    results[first] = self._failed(structures[first], failure)
+                for j in repeats:
+                    results[j] = EnergyResult(results[first].energy_per_atom, final, failure, cached=True)
+        return results  # type: ignore[return-value]
+
+    def _prepare(self, structure: Structure) -> tuple[Structure, Any]:
+        if self.relax_steps > 0:
+            if self._calculator is None:
+                self._calculator = self.potential.calculator()
+            structure = relax_structure(structure, self._calculator, self.relax_steps, self.relax_fmax)
+            if (reason := guard_structure(structure, self.guard)) is not None:
+                raise ValueError(f"relaxation produced an unusable cell ({reason})")
+        return structure, self.potential.prepare(structure)
+
+    def _predict(self, chunk: list) -> list[tuple[float, str | None, float]]:
+        """(energy, failure, seconds) per item; a failing batch is split into single items."""
+        items = [item for _, item, _, _ in chunk]
+        timeout = None if self.guard.timeout_s is None else self.guard.timeout_s * len(items)
+        start = time.perf_counter()
+        try:
+            energies = call_with_timeout(lambda: list(self.potential.predict(items)), timeout)
+            if len(energies) != len(items):
+                raise ValueError(f"potential returned {len(energies)} energies for {len(items)} structures")
+        except Exception as exc:
+            if len(chunk) > 1:
+                log.warning("%s failed on a batch of %d (%r); retrying one by one", self.potential.name, len(chunk), exc)
+                return [out for one in chunk for out in self._predict([one])]
+            reason = "timeout" if isinstance(exc, Timeout) else f"predict_error:{type(exc).__name__}"
+            log.warning("%s failed on %s: %r", self.potential.name, chunk[0][2].composition.reduced_formula, exc)
+            return [(math.nan, reason, time.perf_counter() - start)]
+        seconds = (time.perf_counter() - start) / len(items)
+        return [(float(e), None if math.isfinite(e) else "nonfinite_energy", seconds) for e in energies]
+
+    def _remember(self, key: tuple, energy: float, structure: Structure) -> None:
+        self._cache[key] = (energy, structure)
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _failed(self, structure: Structure, reason: str, exc: Exception | None = None) -> EnergyResult:
+        self.failures[reason] += 1
+        log.warning(
+            "%s: no energy for %s (%s)%s",
+            self.potential.name,
+            structure.composition.reduced_formula,
+            reason,
+            f": {exc!r}" if exc is not None else "",
+        )
+        return EnergyResult(math.nan, structure, reason)
+
+
+class PotentialReward:
+    """Gate -> energies -> ``score``. Subclasses implement ``score(sample, result) -> (reward, info)``.
+
+    Samples the gate rejects get ``penalties.value(reason)``; structures without an energy (or whose
+    ``score`` raises) get the ``failure`` penalty with reason "failure:<why>". ``penalties`` may be a
+    ``Penalties``, a ``PenaltyConfig`` or a mapping of overrides on top of ``default_penalties``.
+    """
+
+    name = "potential"
+    default_penalties = PenaltyConfig()  # the paper's -0.1 everywhere
+
+    def __init__(
+        self,
+        potential: Potential,
+        penalties: Penalties | PenaltyConfig | Mapping | None = None,
+        guard: GuardConfig | None = None,
+        cache_size: int = 100_000,
+        relax_steps: int = 0,
+    ):
+        self.potential = potential
+        self.penalties = make_penalties(penalties, self.default_penalties)
+        self.evaluator = EnergyEvaluator(potential, guard, cache_size, relax_steps)
+
+    @property
+    def failure_penalty(self) -> float:
+        return self.penalties.config.failure
+
+    def score(self, sample: Sample, result: EnergyResult) -> tuple[float, dict]:
+        raise NotImplementedError
+
+    def __call__(self, samples: Sequence[Sample]) -> RewardOutput:
+        reasons = [self.penalties.check(sample) for sample in samples]
+        clean = [i for i, reason in enumerate(reasons) if reason is None]
+        results = dict(zip(clean, self.evaluator([samples[i].structure for i in clean]), strict=True))
+        rewards, infos = [], []
+        for i, sample in enumerate(samples):
+            reason, info = reasons[i], {}
+            if reason is None:
+                result = results[i]
+                info = {"energy_per_atom": result.energy_per_atom, "energy_s": result.seconds, "cached": result.cached}
+                reason = None if result.failure is None else f"failure:{result.failure}"
+            if reason is None:
+                try:
+                    reward, extra = self.score(sample, result)
+                    info.update(extra)
+                except Exception as exc:
+                    log.warning("%s: scoring %s failed: %r", self.name, sample.formula, exc)
+                    reason, info["error"] = f"failure:score_{type(exc).__name__}", str(exc)[:500]
+            if reason is not None:
+                reward = self.penalties.value(reason)
+            info["penalty"] = reason
+            rewards.append(float(reward))
+            infos.append(info)
+        return RewardOutput(rewards, infos)
+
+
+class EnergyReward(PotentialReward):
+    """reward = -E_tot: minus the potential energy per atom (eV/atom), or per cell (eV) with ``per_cell``.
+
+    Lower energy is better, so the reward is the negated energy; typical crystals give +3..+9 per atom.
+    Note the paper's penalty (-0.1) is only below valid rewards when energies are negative.
+    """
+
+    name = "etot"
+
+    def __init__(
+        self,
+        potential: Potential,
+        per_cell: bool = False,
+        penalties: Penalties | PenaltyConfig | Mapping | None = None,
+        guard: GuardConfig | None = None,
+        cache_size: int = 100_000,
+        relax_steps: int = 0,
+    ):
+        super().__init__(potential, penalties, guard, cache_size, relax_steps)
+        self.per_cell = per_cell
+
+    def score(self, sample: Sample, result: EnergyResult) -> tuple[float, dict]:
+        scale = len(result.structure) if self.per_cell else 1
+        return -result.energy_per_atom * scale, {}
