@@ -28,8 +28,8 @@ import torch
 from grpo.advantages import group_advantages
 from grpo.checkpoint import load_checkpoint, save_checkpoint
 from grpo.generation import Generator, Rollout, SamplingConfig, decode_responses
-from grpo.optim import IndexSampler, build_adamw, lr_lambda
 from grpo.losses import aggregate, kl_penalty, masked_mean, policy_loss
+from grpo.optim import IndexSampler, build_adamw, lr_lambda
 from grpo.policy import batched_response_logprobs, response_logprobs
 from grpo.run_log import RunLogger
 
