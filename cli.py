@@ -89,17 +89,15 @@ def check(
     )
 
     table = Table("file", "formula", "atoms", "parse", "CDVAE 0.5 A", "covalent", "SMACT", f"<= {max_atoms} atoms")
-    unreadable = 0
+    problems: list[str] = []
     for path in files:
         try:
             structure = read_structure_file(path)
         except OSError as err:
-            unreadable += 1
-            table.add_row(str(path), "-", "-", f"[red]unreadable: {err.strerror or err}[/red]", "", "", "", "")
+            problems.append(f"{path}: unreadable ({err.strerror or err})")
             continue
         except (ParseError, ValueError) as err:
-            unreadable += 1
-            table.add_row(str(path), "-", "-", f"[red]{err}[/red]", "", "", "", "")
+            problems.append(f"{path}: not a structure ({err})")
             continue
         checks = [
             check_structure_cdvae(structure),
@@ -109,9 +107,12 @@ def check(
         ]
         cells = ["[green]ok[/green]" if c.ok else f"[red]{c.reason}[/red]" for c in checks]
         table.add_row(str(path), structure.composition.reduced_formula, str(len(structure)), "ok", *cells)
-    console.print(table)
-    if unreadable:
-        raise fail(f"{unreadable} of {len(files)} file(s) could not be read as structures")
+    if table.rows:
+        console.print(table)
+    for problem in problems:
+        err_console.print(problem, soft_wrap=True)
+    if problems:
+        raise fail(f"{len(problems)} of {len(files)} file(s) could not be read as structures")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -261,15 +262,23 @@ def sft(
 
 @dataclass
 class RewardConfig:
-    name: str = "chgnet-etot"  # a registry name, a "+"-combination, or module:attr
+    # The paper's reward: -E_tot (CHGNet, eV/atom) with -0.1 for invalid text, > 20 atoms or a changed element set.
+    name: str = "chgnet-etot+species"  # a registry name, a "+"-combination, or module:attr
     max_atoms: int = 20
+    device: str = "cpu"
 
 
-def build_reward_fn(reward: RewardConfig):
+def build_reward_fn(reward: RewardConfig, data_dir: str | Path | None):
+    """The (metas, texts) -> (rewards, infos) callable; bad names or missing data end with a one-line error."""
+    from crystals.data import DataError
     from rewards.base import CrystalTextReward
     from rewards.registry import resolve_reward
 
-    return CrystalTextReward(resolve_reward(reward.name), max_atoms=reward.max_atoms)
+    try:
+        resolved = resolve_reward(reward.name, data_dir=data_dir, device=reward.device)
+    except (ValueError, KeyError, TypeError, ImportError, DataError) as err:
+        raise fail(f"reward {reward.name!r}: {err}") from None
+    return CrystalTextReward(resolved, max_atoms=reward.max_atoms)
 
 
 @app.command()
@@ -292,10 +301,7 @@ def train(
     run, grpo_config, reward_config = configs["run"], configs["grpo"], configs["reward"]
     apply_cli_overrides(run, model=model, data_dir=data_dir)
     apply_cli_overrides(reward_config, name=reward)
-    try:
-        reward_fn = build_reward_fn(reward_config)
-    except (ValueError, KeyError, ImportError) as err:
-        raise fail(f"reward {reward_config.name!r}: {err}") from None
+    reward_fn = build_reward_fn(reward_config, run.data_dir)
     try:
         save_resolved_config(out, configs)
         checkpoint = latest_to_resume(out, resume)
@@ -435,22 +441,19 @@ def read_samples(path: Path) -> list[tuple[str | None, str]]:
 @app.command()
 def reward(
     files: Annotated[list[Path], typer.Argument(help="Bulk-text, CIF or samples JSONL files.")],
-    reward: Annotated[str, typer.Option(help="Reward name (see --list).")] = "chgnet-etot",
+    reward: Annotated[str, typer.Option(help="Reward name (see --list).")] = RewardConfig.name,
     list_: Annotated[bool, typer.Option("--list", help="List the registered rewards and exit.")] = False,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Score structure files with any registered reward and print a table."""
     from crystals.text import ParseError, parse_structure
-    from rewards.base import CrystalTextReward
-    from rewards.registry import available_rewards, resolve_reward
+    from rewards.registry import available_rewards
 
     if list_:
         for name, description in available_rewards().items():
             console.print(f"[bold]{name}[/bold]: {description}")
         return
-    try:
-        reward_fn = CrystalTextReward(resolve_reward(reward))
-    except (ValueError, KeyError, ImportError) as err:
-        raise fail(f"reward {reward!r}: {err}") from None
+    reward_fn = build_reward_fn(RewardConfig(name=reward), data_dir)
     metas, texts, names = [], [], []
     for path in files:
         try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ def format_structure(
     coords = _wrap01(np.round(_wrap01(structure.frac_coords), coord_decimals))
     atoms = [
         f"{site.specie.symbol} " + " ".join(f"{x:.{coord_decimals}f}" for x in xyz)
-        for site, xyz in zip(structure, coords)
+        for site, xyz in zip(structure, coords, strict=True)
     ]
     return separator.join([lattice, *atoms])
 
@@ -129,8 +130,16 @@ def _number(token: str) -> float | None:
 
 
 def _lattice(tokens: list[str]) -> Lattice:
-    """The lattice from the first six tokens: lengths in (0, MAX_LENGTH], angles in (0, 180), and a cell
-    of positive volume V = abc sqrt(1 - cos^2 al - cos^2 be - cos^2 ga + 2 cos al cos be cos ga)."""
+    """The lattice of the first six tokens: lengths in (0, MAX_LENGTH], angles in (0, 180), volume >= MIN_VOLUME.
+
+    With s = (al + be + ga) / 2 the cell's shape factor is
+
+        1 - cos^2 al - cos^2 be - cos^2 ga + 2 cos al cos be cos ga = 4 sin s sin(s - al) sin(s - be) sin(s - ga),
+
+    positive exactly when each angle is below the sum of the other two and the sum is below 360 (else no cell
+    exists), and V = abc sqrt(shape). The product form, with s and the differences summed exactly in decimal,
+    gives exactly 0 for written angles on that boundary (2.6 1.3 3.9; 120 120 120), where floating-point
+    cosines leave a residue that a 1000 A cell would turn into a "valid" volume."""
     values = []
     for k in range(6):
         if k >= len(tokens):
@@ -144,11 +153,12 @@ def _lattice(tokens: list[str]) -> Lattice:
         raise ParseError("bad_lattice", f"lengths {lengths} not in (0, {MAX_LENGTH:g}] A")
     if not all(0.0 < x < 180.0 for x in angles):
         raise ParseError("bad_lattice", f"angles {angles} not in (0, 180) degrees")
-    cos_a, cos_b, cos_g = (math.cos(math.radians(x)) for x in angles)
-    shape = 1.0 - cos_a**2 - cos_b**2 - cos_g**2 + 2.0 * cos_a * cos_b * cos_g
+    alpha, beta, gamma = (Decimal(t) for t in tokens[3:6])
+    s = (alpha + beta + gamma) / 2
+    shape = 4 * math.prod(math.sin(math.radians(float(x))) for x in (180 - s, s - alpha, s - beta, s - gamma))
     if shape <= 0.0:
         raise ParseError("degenerate_lattice", f"angles {angles} cannot form a cell")
-    volume = lengths[0] * lengths[1] * lengths[2] * math.sqrt(shape)
+    volume = math.prod(lengths) * math.sqrt(shape)
     if volume < MIN_VOLUME:
         raise ParseError("degenerate_lattice", f"cell volume {volume:.2e} A^3 < {MIN_VOLUME:g}")
     return Lattice.from_parameters(*lengths, *angles)

@@ -7,6 +7,7 @@ keys are an error (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import typing
 from pathlib import Path
@@ -42,6 +43,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} expects true/false, got {value!r}")
         return bool(value)
     if annotation in (int, float, str):
+        # int() would quietly turn 2.5 into 2, and int()/float() True into 1
+        fraction = annotation is int and isinstance(value, float) and not value.is_integer()
+        if fraction or (annotation is not str and isinstance(value, bool)):
+            raise ConfigError(f"{key} expects {annotation.__name__}, got {value!r}")
         try:
             return annotation(value)
         except (TypeError, ValueError) as err:
@@ -59,7 +64,10 @@ def build_config(cls: type[T], values: dict[str, Any] | None = None, *, section:
         where = f"[{section}] " if section else ""
         raise ConfigError(f"{where}unknown option(s) {unknown}; known: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}" if section else k) for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a config's own validation (__post_init__)
+        raise ConfigError(f"[{section}] {err}" if section else str(err)) from err
 
 
 def read_toml(path: str | Path | None) -> dict[str, Any]:
@@ -108,8 +116,7 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string (escapes newlines, quotes, ...)
 
 
 def to_toml(configs: dict[str, Any]) -> str:

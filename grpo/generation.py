@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from transformers import GenerationConfig
 
 
 @dataclass
@@ -72,6 +73,8 @@ class HFGenerator:
     def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig) -> Rollout:
         tokenizer = self.tokenizer
         tokenizer.padding_side = "left"
+        # An over-long prompt loses its beginning, never its end (the task and the assistant header).
+        tokenizer.truncation_side = "left"
         encoded = tokenizer(
             list(prompts),
             return_tensors="pt",
@@ -85,28 +88,37 @@ class HFGenerator:
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
+        if sampling.temperature > 0:
+            mode = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        else:
+            mode = dict(do_sample=False)  # temperature 0: greedy
         chunks = []
-        # A private RNG stream per call keeps sampling reproducible without disturbing the caller's global state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sampling.seed)
-            for start in range(0, prompt_ids.shape[0], self.batch_size):
-                ids = prompt_ids[start : start + self.batch_size].to(device)
-                mask = prompt_mask[start : start + self.batch_size].to(device)
-                out = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    do_sample=sampling.temperature > 0,
-                    temperature=sampling.temperature if sampling.temperature > 0 else None,
-                    top_p=sampling.top_p,
-                    top_k=0,
-                    max_new_tokens=sampling.max_new_tokens,
-                    eos_token_id=self.eos_token_ids,
-                    pad_token_id=tokenizer.pad_token_id,
-                    use_cache=True,
-                )
-                chunks.append(out[:, ids.shape[1] :].cpu())
-        if was_training:
-            self.model.train()
+        # transformers fills every setting not passed to generate() from model.generation_config, and a
+        # checkpoint's own defaults (Qwen2.5-Instruct: repetition_penalty=1.05, top_k=20, ...) would draw the
+        # rollouts from another distribution than softmax(logits / T), the one `response_logprobs` scores.
+        # Generating against a blank config leaves exactly the settings passed here.
+        model_defaults, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        try:
+            # A private RNG stream per call keeps sampling reproducible without disturbing the global state.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sampling.seed)
+                for start in range(0, prompt_ids.shape[0], self.batch_size):
+                    ids = prompt_ids[start : start + self.batch_size].to(device)
+                    mask = prompt_mask[start : start + self.batch_size].to(device)
+                    out = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        **mode,
+                        max_new_tokens=sampling.max_new_tokens,
+                        eos_token_id=self.eos_token_ids,
+                        pad_token_id=tokenizer.pad_token_id,
+                        use_cache=True,
+                    )
+                    chunks.append(out[:, ids.shape[1] :].cpu())
+        finally:
+            self.model.generation_config = model_defaults
+            if was_training:
+                self.model.train()
         width = max(chunk.shape[1] for chunk in chunks)
         response_ids = torch.cat(
             [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks]

@@ -38,6 +38,7 @@ from transformers import (
 _GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 Dtype = Literal["bfloat16", "float32", "auto"]
+_DTYPES: dict[str, torch.dtype | str] = {"bfloat16": torch.bfloat16, "float32": torch.float32, "auto": "auto"}
 
 # Qwen's ChatML special tokens, so prompts and stop conditions are the same for the small model and Qwen2.5.
 PAD_TOKEN = "<|endoftext|>"
@@ -208,10 +209,9 @@ def packaged_smollm2_gguf() -> Path:
 
 
 def _resolve_dtype(dtype: Dtype) -> torch.dtype | str:
-    choices: dict[str, torch.dtype | str] = {"bfloat16": torch.bfloat16, "float32": torch.float32, "auto": "auto"}
-    if dtype not in choices:
-        raise ValueError(f"dtype must be one of {sorted(choices)}, got {dtype!r}")
-    return choices[dtype]
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
@@ -285,7 +285,8 @@ def _declares_generic_tokenizer(source: str) -> bool:
 
 
 def _split_gguf(name_or_path: str | Path) -> tuple[str, str | None]:
-    """"dir/model.gguf" -> ("dir", "model.gguf"), the (directory, gguf_file) pair transformers expects."""
+    """Split "dir/model.gguf" into ("dir", "model.gguf"), the (directory, gguf_file) pair transformers
+    expects; any other name or path is passed through with no gguf file."""
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         return str(path.parent), path.name

@@ -39,15 +39,17 @@ def response_logprobs(
     """
     device = next(model.parameters()).device
     input_ids, attention_mask, position_ids = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
+    response_len = response_ids.shape[1]
+    # The logit at position t predicts token t+1, so the response is scored by the last R+1 positions but one.
+    # Asking the model for only those logits skips the [N, prompt_len, vocab] projection of the prompt.
     logits = model(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         position_ids=position_ids.to(device),
         use_cache=False,
+        logits_to_keep=response_len + 1,
     ).logits
-    prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
-    # The logit at position t predicts token t+1: response token j is predicted at prompt_len + j - 1.
-    response_logits = logits[:, prompt_len - 1 : prompt_len + response_len - 1]
+    response_logits = logits[:, :response_len]
     if temperature != 1.0:
         response_logits = response_logits / temperature
     logprobs = token_logprobs(response_logits, response_ids.to(device))

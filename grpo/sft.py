@@ -54,6 +54,8 @@ def tokenize_pairs(
 ) -> tuple[list[TokenizedPair], int]:
     """Prompt tokens get label IGNORE_INDEX; the response is followed by EOS so the model learns to stop."""
     out, dropped = [], 0
+    if not pairs:  # fast tokenizers raise IndexError on an empty batch (e.g. no eval pairs)
+        return out, dropped
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
     responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
     for prompt_ids, response_ids in zip(prompts, responses, strict=True):

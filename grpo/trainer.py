@@ -88,6 +88,17 @@ class GRPOConfig:
     keep_last: int = 2
     log_every: int = 1
 
+    def __post_init__(self) -> None:
+        positive = ("total_steps", "prompts_per_step", "group_size", "ppo_epochs", "micro_batch_size", "max_new_tokens")
+        positive += ("checkpoint_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mini_batch_size < 0:
+            raise ValueError("GRPOConfig.mini_batch_size must be >= 0 (0: the whole step's batch)")
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            raise ValueError("clip_low must be in [0, 1) and clip_high >= 0")
+
 
 def sanitize_rewards(rewards: Sequence[float]) -> tuple[torch.Tensor, int]:
     """Replace non-finite rewards by the worst finite reward of the batch (never a bonus); count them."""
@@ -126,6 +137,9 @@ class GRPOTrainer:
     ):
         if config.kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model (or set kl_coef = 0)")
+        if config.temperature <= 0:
+            # greedy groups are identical (zero advantages), and log-probs of logits / 0 are NaN
+            raise ValueError(f"GRPO samples its groups: temperature must be > 0, got {config.temperature}")
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
         self.ref_model = ref_model if config.kl_coef > 0 else None
         self.prompts, self.reward_fn, self.config = list(prompts), reward_fn, config
@@ -184,11 +198,13 @@ class GRPOTrainer:
 
     # -- one step --------------------------------------------------------------------------------------------
     def _score(self, metas: list[dict], texts: list[str]) -> tuple[torch.Tensor, list[dict], int]:
-        """Rewards for every sample; a reward callable that raises costs this step its signal, not the run."""
+        """Rewards for every sample; a reward callable that raises (or returns something that is not one number
+        per sample) costs this step its signal, not the run."""
         try:
             rewards, infos = self.reward_fn(metas, texts)
             if len(rewards) != len(texts):
                 raise ValueError(f"reward returned {len(rewards)} values for {len(texts)} samples")
+            rewards = [float(r) for r in rewards]  # None or a string fails here, inside the guard
         except Exception as err:  # noqa: BLE001 - a reward failure must never kill a training run
             log.exception("reward function failed on the whole batch; this step gets zero advantages")
             rewards, infos = [float("nan")] * len(texts), [{"penalty": f"reward_error: {type(err).__name__}"}] * len(texts)
@@ -236,6 +252,7 @@ class GRPOTrainer:
         timings["logprob"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses (_update steps the scheduler)
         update_metrics = self._update(rollout, advantages, old_logprobs, ref_logprobs, mini_batch_size)
         timings["update"] = time.perf_counter() - t
 
@@ -261,7 +278,7 @@ class GRPOTrainer:
             "nonfinite_rewards": nonfinite,
             "response_length": response_lengths.mean().item(),
             "truncated_fraction": rollout.truncated.float().mean().item(),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "tokens_per_s": tokens / total_time,
             **update_metrics,
             **{f"time_{k}": v for k, v in timings.items()},

@@ -30,7 +30,9 @@ from rewards.potential import EnergyReward, EnergyScale, GuardConfig
 
 
 def _missing(package: str, extra: str, exc: ImportError) -> ImportError:
-    return ImportError(f"{package} is not installed; install it with: pip install 'crystal-grpo[{extra}]' ({exc})")
+    return ImportError(
+        f"{package} is not installed; install it with: pip install 'crystal-grpo[{extra}]' ({exc})"
+    )
 
 
 def sevenn_calculator(model: str = "7net-0", device: str = "cpu") -> Any:
@@ -120,7 +122,9 @@ class SevenNetEnergyReward(ASECalculatorReward):
         relax_steps: int = 0,
     ):
         calculator = sevenn_calculator(model, device)
-        super().__init__(calculator, "sevenn-etot", "mp2020_corrected", per_cell, penalties, guard, cache_size, relax_steps)
+        super().__init__(
+            calculator, "sevenn-etot", "mp2020_corrected", per_cell, penalties, guard, cache_size, relax_steps
+        )
 
 
 class UMAEnergyReward(ASECalculatorReward):

@@ -13,6 +13,8 @@ guarantees the contract the trainer relies on, whatever the wrapped reward does:
   penalty for that sample (the batch is retried one sample at a time to find which one raised);
 - every info has ``reward``, ``penalty`` (reason string or None), ``parse_s`` and ``reward_s`` (seconds);
 - penalty reasons are counted in ``CrystalTextReward.counts`` and failures are logged.
+
+``score_samples(samples)`` applies the same contract to samples built elsewhere (CIF files, evaluation).
 """
 
 from __future__ import annotations
@@ -152,14 +154,23 @@ class CrystalTextReward:
 
     def __call__(self, metas: Sequence[dict], texts: Sequence[str]) -> tuple[list[float], list[dict]]:
         samples, parse_seconds = self.samples(metas, texts)
+        rewards, infos = self.score_samples(samples)
+        for info, parse_s in zip(infos, parse_seconds, strict=True):
+            info["parse_s"] = parse_s
+        return rewards, infos
+
+    def score_samples(self, samples: Sequence[Sample]) -> tuple[list[float], list[dict]]:
+        """The contract on already-built samples: finite rewards, one info each, failures isolated."""
         t0 = time.perf_counter()
-        pairs = self._score(samples)
+        pairs = self._score(list(samples))
         reward_s = (time.perf_counter() - t0) / max(len(samples), 1)
         rewards, infos = [], []
-        for sample, (reward, info), parse_s in zip(samples, pairs, parse_seconds, strict=True):
-            info = {**info, "penalty": info.get("penalty"), "parse_s": parse_s, "reward_s": reward_s}
+        for sample, (reward, info) in zip(samples, pairs, strict=True):
+            info = {**info, "penalty": info.get("penalty"), "parse_s": 0.0, "reward_s": reward_s}
             if not math.isfinite(reward):
-                log.warning("reward %s gave %r for %s; using the failure penalty", self.name, reward, sample.formula)
+                log.warning(
+                    "reward %s gave %r for %s; using the failure penalty", self.name, reward, sample.formula
+                )
                 info["penalty"], info["nonfinite_value"] = "nonfinite_reward", str(reward)
                 reward = self.failure_penalty
             info["reward"] = reward
@@ -172,6 +183,8 @@ class CrystalTextReward:
     def _score(self, samples: list[Sample]) -> list[tuple[float, dict]]:
         """(reward, info) per sample; a batch that raises is retried one sample at a time so that only the
         sample that raises gets the failure penalty."""
+        if not samples:
+            return []
         try:
             out = self.reward(samples)
             if len(out.rewards) != len(samples):
@@ -179,7 +192,12 @@ class CrystalTextReward:
             return [(float(r), dict(i)) for r, i in zip(out.rewards, out.infos, strict=True)]
         except Exception as exc:
             if len(samples) > 1:
-                log.warning("reward %s raised on a batch of %d (%r); retrying one by one", self.name, len(samples), exc)
+                log.warning(
+                    "reward %s raised on a batch of %d (%r); retrying one by one",
+                    self.name,
+                    len(samples),
+                    exc,
+                )
                 return [pair for sample in samples for pair in self._score([sample])]
             reason = f"reward_error:{type(exc).__name__}"
             log.warning("reward %s raised on %s: %r", self.name, samples[0].formula, exc)

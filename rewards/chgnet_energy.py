@@ -23,9 +23,13 @@ from rewards.penalties import Penalties, PenaltyConfig
 from rewards.potential import EnergyReward, GuardConfig
 
 
-@lru_cache(maxsize=4)
 def load_chgnet(model_name: str = "0.3.0", device: str | None = None):
     """The pretrained CHGNet, loaded once per (model, device) per process (loading takes ~1 s)."""
+    return _load_chgnet(model_name, device)  # positional: lru_cache keys differ for f() and f("0.3.0")
+
+
+@lru_cache(maxsize=4)
+def _load_chgnet(model_name: str, device: str | None):
     from chgnet.model import CHGNet
 
     return CHGNet.load(model_name=model_name, use_device=device, verbose=False)
@@ -36,7 +40,9 @@ class CHGNetPotential:
 
     energy_scale = "mp2020_corrected"
 
-    def __init__(self, model_name: str = "0.3.0", device: str | None = None, batch_size: int = 32, model=None):
+    def __init__(
+        self, model_name: str = "0.3.0", device: str | None = None, batch_size: int = 32, model=None
+    ):
         self.model = load_chgnet(model_name, device) if model is None else model
         self.device = device
         self.batch_size = batch_size

@@ -34,7 +34,9 @@ class Composite:
         for (weight, reward), term in zip(self.terms, self.term_names, strict=True):
             out = reward(samples)
             if len(out.rewards) != len(samples):
-                raise ValueError(f"term {term} returned {len(out.rewards)} rewards for {len(samples)} samples")
+                raise ValueError(
+                    f"term {term} returned {len(out.rewards)} rewards for {len(samples)} samples"
+                )
             for i, (value, info) in enumerate(zip(out.rewards, out.infos, strict=True)):
                 totals[i] += weight * value
                 infos[i]["components"][term] = value

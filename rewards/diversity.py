@@ -80,7 +80,9 @@ class DiversityReward:
 class NoveltyReward:
     name = "novelty"
 
-    def __init__(self, train_structures: Iterable[Structure] | None = None, data_dir: str | Path | None = None):
+    def __init__(
+        self, train_structures: Iterable[Structure] | None = None, data_dir: str | Path | None = None
+    ):
         """Training structures given explicitly, or the "train" split of ``data_dir`` (CIFs parsed lazily)."""
         self.matcher = StructureMatcher()
         self._parsed: dict[str, list[Structure]] = defaultdict(list)

@@ -20,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from rewards.base import Sample
 from rewards.chgnet_energy import CHGNetPotential
 from rewards.hull import EnergyToHull
 from rewards.penalties import Penalties, PenaltyConfig
 from rewards.potential import EnergyResult, GuardConfig, Potential, PotentialReward
-from rewards.base import Sample
 
 
 class EHullReward(PotentialReward):

@@ -65,7 +65,9 @@ def make_penalties(
         overrides = {**dict.fromkeys(PENALTY_VALUES, overrides.pop("penalty")), **overrides}
     unknown = set(overrides) - {f.name for f in fields(PenaltyConfig)}
     if unknown:
-        raise TypeError(f"unknown penalty options {sorted(unknown)}; valid: {[f.name for f in fields(PenaltyConfig)]}")
+        raise TypeError(
+            f"unknown penalty options {sorted(unknown)}; valid: {[f.name for f in fields(PenaltyConfig)]}"
+        )
     return Penalties(replace(config, **overrides))
 
 
@@ -75,13 +77,19 @@ class Penalties:
     def __init__(self, config: PenaltyConfig | None = None):
         self.config = config or PenaltyConfig()
         if self.config.overlap_rule not in ("covalent", "cdvae", "none"):
-            raise ValueError(f"overlap_rule must be covalent, cdvae or none, got {self.config.overlap_rule!r}")
+            raise ValueError(
+                f"overlap_rule must be covalent, cdvae or none, got {self.config.overlap_rule!r}"
+            )
 
     def check(self, sample: Sample) -> str | None:
         """The first rule the sample breaks, cheapest first; None when it may go to a potential."""
         cfg = self.config
         if sample.structure is None:
-            return "too_many_atoms" if sample.parse_error == "too_many_atoms" else f"parse_error:{sample.parse_error}"
+            return (
+                "too_many_atoms"
+                if sample.parse_error == "too_many_atoms"
+                else f"parse_error:{sample.parse_error}"
+            )
         structure = sample.structure
         if not check_atom_count(structure, cfg.max_atoms):
             return "too_many_atoms"

@@ -71,9 +71,9 @@ class GuardConfig:
     """Limits checked before a structure reaches a potential; ``timeout_s`` bounds each call."""
 
     cutoff: float = 6.0  # A, neighbour cutoff of the potential (CHGNet's atom graph: 6 A)
-    max_volume_per_atom: float = 250.0  # A^3; MP-20 tops out near 100, beyond this atoms sit alone
+    max_volume_per_atom: float = 250.0  # A^3; MP-20 tops out at 202 (Li2S8); beyond, atoms sit alone
     max_neighbors_per_atom: float = 500.0  # (N/V) * 4/3 pi r_cut^3; diamond (densest MP-20 case) ~ 160
-    max_images: int = 100_000  # periodic images the neighbour search would visit
+    max_images: int = 10_000  # periodic images the neighbour search visits; MP-20 cells need < 500
     timeout_s: float | None = 60.0
 
 
@@ -103,10 +103,7 @@ def structure_key(structure: Structure, decimals: int = 4) -> tuple:
     lattice orientation: rounded (a, b, c, alpha, beta, gamma) + sorted (Z, rounded wrapped frac coords)."""
     params = np.round(np.array(structure.lattice.parameters, dtype=float), decimals)
     frac = np.round(np.mod(structure.frac_coords, 1.0), decimals) % 1.0
-    sites = sorted(
-        (site.specie.Z, *coords)
-        for site, coords in zip(structure, frac.tolist(), strict=True)
-    )
+    sites = sorted((site.specie.Z, *coords) for site, coords in zip(structure, frac.tolist(), strict=True))
     return (tuple(params.tolist()), tuple(sites))
 
 
@@ -127,11 +124,12 @@ def call_with_timeout(fn: Callable[[], T], seconds: float | None) -> T:
         and hasattr(signal, "setitimer")
         and signal.getitimer(signal.ITIMER_REAL)[0] == 0  # never steal a timer someone else set
     )
-    if use_alarm:
-        previous = signal.signal(signal.SIGALRM, _raise_timeout)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.getsignal(signal.SIGALRM) if use_alarm else None
     start = time.perf_counter()
     try:
+        if use_alarm:
+            signal.signal(signal.SIGALRM, _raise_timeout)
+            signal.setitimer(signal.ITIMER_REAL, seconds)
         result = fn()
     finally:
         if use_alarm:
@@ -206,7 +204,9 @@ class EnergyEvaluator:
                 pending[key] = [i]
                 start = time.perf_counter()
                 try:
-                    final, item = call_with_timeout(lambda s=structure: self._prepare(s), self.guard.timeout_s)
+                    final, item = call_with_timeout(
+                        lambda s=structure: self._prepare(s), self.guard.timeout_s
+                    )
                 except Timeout:
                     results[i] = self._failed(structure, "timeout")
                     del pending[key]
@@ -252,10 +252,17 @@ class EnergyEvaluator:
                 raise ValueError(f"potential returned {len(energies)} energies for {len(items)} structures")
         except Exception as exc:
             if len(chunk) > 1:
-                log.warning("%s failed on a batch of %d (%r); retrying one by one", self.potential.name, len(chunk), exc)
+                log.warning(
+                    "%s failed on a batch of %d (%r); retrying one by one",
+                    self.potential.name,
+                    len(chunk),
+                    exc,
+                )
                 return [out for one in chunk for out in self._predict([one])]
             reason = "timeout" if isinstance(exc, Timeout) else f"predict_error:{type(exc).__name__}"
-            log.warning("%s failed on %s: %r", self.potential.name, chunk[0][2].composition.reduced_formula, exc)
+            log.warning(
+                "%s failed on %s: %r", self.potential.name, chunk[0][2].composition.reduced_formula, exc
+            )
             return [(math.nan, reason, time.perf_counter() - start)]
         seconds = (time.perf_counter() - start) / len(items)
         return [(float(e), None if math.isfinite(e) else "nonfinite_energy", seconds) for e in energies]
@@ -316,7 +323,11 @@ class PotentialReward:
             reason, info = reasons[i], {}
             if reason is None:
                 result = results[i]
-                info = {"energy_per_atom": result.energy_per_atom, "energy_s": result.seconds, "cached": result.cached}
+                info = {
+                    "energy_per_atom": result.energy_per_atom,
+                    "energy_s": result.seconds,
+                    "cached": result.cached,
+                }
                 reason = None if result.failure is None else f"failure:{result.failure}"
             if reason is None:
                 try:
@@ -336,7 +347,7 @@ class PotentialReward:
 class EnergyReward(PotentialReward):
     """reward = -E_tot: minus the potential energy per atom (eV/atom), or per cell (eV) with ``per_cell``.
 
-    Lower energy is better, so the reward is the negated energy; typical crystals give +3..+9 per atom.
+    Lower energy is better, so the reward is the negated energy; MP-20 crystals give about +1..+10.
     Note the paper's penalty (-0.1) is only below valid rewards when energies are negative.
     """
 

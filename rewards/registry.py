@@ -12,7 +12,8 @@ Options go to every term whose constructor takes a parameter of that name; "term
 term (e.g. ``**{"diversity.method": "exact"}``). Penalty options (``penalty`` for all values at once, or
 any ``PenaltyConfig`` field: ``parse_error``, ``overlap_rule``, ``check_species``, ...) become the
 ``penalties`` overrides of the gated terms, on top of each term's defaults. An option no term takes is an
-error, so typos do not pass silently.
+error, so typos do not pass silently, except the context options ``data_dir``, ``cache_dir`` and ``device``,
+which a caller (the CLI) may always pass and which are dropped when no term needs them.
 
 Examples::
 
@@ -40,13 +41,23 @@ from rewards.penalties import PenaltyConfig, PenaltyReward
 
 MODIFIERS = {"species": "turns on the species-set check of the penalty gate (paper: ratios may change)"}
 PENALTY_OPTIONS = {"penalty"} | {f.name for f in fields(PenaltyConfig)}
+CONTEXT_OPTIONS = {"data_dir", "cache_dir", "device"}  # passed where taken, silently dropped elsewhere
 _TERM = re.compile(r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE]-?[0-9]+)?)\s*\*\s*)?(?P<name>[^*\s]+)\s*$")
 
 
 REGISTRY: dict[str, tuple[type, str]] = {
-    "chgnet-etot": (CHGNetEnergyReward, "paper: -CHGNet energy per atom (eV/atom); batch_size, device, per_cell"),
-    "ehull": (EHullReward, "-min(E_hull, clip) (eV/atom; CHGNet on the MP-20 hull); clip, data_dir, cache_dir"),
-    "sevenn-etot": (SevenNetEnergyReward, "-SevenNet energy per atom (needs the sevenn extra); model, device"),
+    "chgnet-etot": (
+        CHGNetEnergyReward,
+        "paper: -CHGNet energy per atom (eV/atom); batch_size, device, per_cell",
+    ),
+    "ehull": (
+        EHullReward,
+        "-min(E_hull, clip) (eV/atom; CHGNet on the MP-20 hull); clip, data_dir, cache_dir",
+    ),
+    "sevenn-etot": (
+        SevenNetEnergyReward,
+        "-SevenNet energy per atom (needs the sevenn extra); model, device",
+    ),
     "uma-etot": (UMAEnergyReward, "-UMA energy per atom from a local checkpoint (uma extra); checkpoint"),
     "diversity": (DiversityReward, "-(share of the group duplicating this sample), in [-1, 0]; method"),
     "novelty": (NoveltyReward, "1 if no training structure of the formula matches, else 0; data_dir"),
@@ -92,7 +103,9 @@ def _term(name: str) -> tuple[Callable[..., Reward], set[str]]:
         if callable(obj):
             return (lambda: FunctionReward(obj, name=name)), set()
         raise ValueError(f"{name!r} is neither a Reward class, a Reward, nor a function")
-    raise ValueError(f"unknown reward {name!r}; available: {sorted(available_rewards())} or 'pkg.module:attr'")
+    raise ValueError(
+        f"unknown reward {name!r}; available: {sorted(available_rewards())} or 'pkg.module:attr'"
+    )
 
 
 def resolve_reward(spec: str, **options) -> Reward:
@@ -126,11 +139,13 @@ def resolve_reward(spec: str, **options) -> Reward:
             used.add("penalties")
         used |= {k for k in options if k in kwargs or k.startswith(prefix)}
         built.append((weight, factory(**kwargs)))
-    unused = set(options) - used
+    unused = set(options) - used - CONTEXT_OPTIONS
     if unused:
         raise TypeError(f"options {sorted(unused)} are not taken by any term of {spec!r}")
     if penalty_overrides and "penalties" not in used:
-        raise TypeError(f"penalty options/modifiers {sorted(penalty_overrides)} need a gated term in {spec!r}")
+        raise TypeError(
+            f"penalty options/modifiers {sorted(penalty_overrides)} need a gated term in {spec!r}"
+        )
     if len(built) == 1 and built[0][0] == 1.0:
         return built[0][1]
     return Composite(built)

@@ -57,7 +57,8 @@ def tiny_model(tokenizer):
 
 
 def chat(content: str) -> list[dict]:
-    return [{"role": "system", "content": "You are a crystallographer."}, {"role": "user", "content": content}]
+    system = {"role": "system", "content": "You are a crystallographer."}
+    return [system, {"role": "user", "content": content}]
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -120,8 +121,9 @@ def test_chat_template_renders_roles_and_ends_with_assistant_header(tokenizer):
     )
     without = tokenizer.apply_chat_template(chat("x"), add_generation_prompt=False, tokenize=False)
     assert not without.endswith("<|im_start|>assistant\n")
-    ids = tokenizer.apply_chat_template(chat("Generate LiFePO4"), add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    ids = tokenizer.apply_chat_template(
+        chat("Generate LiFePO4"), add_generation_prompt=True, return_dict=False
+    )
     assert ids.count(tokenizer.convert_tokens_to_ids(IM_START)) == 3
     assert tokenizer.decode(ids) == text
 

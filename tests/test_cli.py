@@ -1,0 +1,123 @@
+"""The command line through typer's CliRunner: real commands on real files, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pymatgen.core import Lattice, Structure
+from typer.testing import CliRunner
+
+from cli import app
+from crystals.text import format_structure, write_cif
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def rocksalt() -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("data", "check", "sft", "train", "sample", "reward"):
+        assert command in result.output
+
+
+def test_data_info_on_packaged_demo(monkeypatch):
+    monkeypatch.delenv("CRYSTAL_GRPO_DATA", raising=False)
+    result = runner.invoke(app, ["data", "info"])
+    assert result.exit_code == 0, result.output
+    assert "demo_data" in result.output
+    assert "train" in result.output and "test" in result.output
+
+
+def test_data_info_on_shared_data(mp20_dir):
+    result = runner.invoke(app, ["data", "info", "--data-dir", str(mp20_dir)])
+    assert result.exit_code == 0, result.output
+    assert "9046" in result.output  # test split rows
+    assert "89 elements" in result.output
+
+
+def test_data_info_missing_directory_is_a_clean_error(tmp_path):
+    result = runner.invoke(app, ["data", "info", "--data-dir", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert "error" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_reads_text_and_cif(tmp_path, rocksalt):
+    text_file = tmp_path / "nacl.txt"
+    text_file.write_text(format_structure(rocksalt))
+    cif_file = tmp_path / "nacl.cif"
+    cif_file.write_text(write_cif(rocksalt))
+    result = runner.invoke(app, ["check", str(text_file), str(cif_file)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("NaCl") == 2
+
+
+def test_check_flags_overlapping_atoms_without_failing(tmp_path):
+    overlapping = tmp_path / "overlap.txt"
+    overlapping.write_text("4.0 4.0 4.0 90 90 90 Na 0.00 0.00 0.00 Cl 0.01 0.00 0.00")
+    result = runner.invoke(app, ["check", str(overlapping)])
+    assert result.exit_code == 0, result.output
+    assert "overlap" in result.output
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "hello world", "4.0 4.0 4.0 90 90 90 Xx 0.0 0.0 0.0", "4.0 4.0 nan 90 90 90 Na 0 0 0"],
+)
+def test_check_malformed_input_exits_nonzero(tmp_path, content):
+    bad = tmp_path / "bad.txt"
+    bad.write_text(content)
+    result = runner.invoke(app, ["check", str(bad)])
+    assert result.exit_code == 1
+    assert "could not be read" in result.output
+
+
+def test_check_missing_file_exits_nonzero(tmp_path):
+    result = runner.invoke(app, ["check", str(tmp_path / "missing.cif")])
+    assert result.exit_code == 1
+    assert "unreadable" in result.output
+
+
+def test_unknown_config_key_is_a_clean_error(tmp_path):
+    result = runner.invoke(app, ["sft", "--out", str(tmp_path / "run"), "--set", "sft.learning_rate=1"])
+    assert result.exit_code == 1
+    assert "unknown option" in result.output
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    result = runner.invoke(app, ["sft", "--out", str(target)])
+    assert result.exit_code == 1
+    assert "not a directory" in result.output
+
+
+def test_reward_list_and_unknown_name():
+    listed = runner.invoke(app, ["reward", "--list", "x"])
+    assert listed.exit_code == 0, listed.output
+    assert "chgnet-etot" in listed.output and "ehull" in listed.output
+    unknown = runner.invoke(app, ["reward", "x.txt", "--reward", "no-such-reward"])
+    assert unknown.exit_code == 1
+    assert "no-such-reward" in unknown.output
+
+
+def test_reward_scores_jsonl_with_penalties(tmp_path, rocksalt):
+    samples = tmp_path / "samples.jsonl"
+    rows = [
+        {"formula": "NaCl", "text": format_structure(rocksalt)},
+        {"formula": "NaCl", "text": "not a crystal"},
+        {"formula": "KBr", "text": format_structure(rocksalt)},  # wrong species for the prompt
+    ]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["reward", str(samples), "--reward", "chgnet-etot+species"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "samples.jsonl#" in line]
+    assert len(lines) == 3
+    assert "-0.1000" in lines[1]
+    assert "species" in lines[2]
