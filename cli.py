@@ -28,10 +28,15 @@ err_console = Console(stderr=True)
 
 DataDirOption = Annotated[
     Path | None,
-    typer.Option("--data-dir", help="Folder with {train,val,test}.csv.gz (or its parent); default: $CRYSTAL_GRPO_DATA, else the packaged demo subset."),
+    typer.Option(
+        "--data-dir",
+        help="Folder with {train,val,test}.csv.gz (or its parent); default: $CRYSTAL_GRPO_DATA, else the packaged demo subset.",
+    ),
 ]
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="TOML config file (tables per config).")]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).")
+]
 
 
 def fail(message: str) -> typer.Exit:
@@ -88,7 +93,9 @@ def check(
         check_structure_covalent,
     )
 
-    table = Table("file", "formula", "atoms", "parse", "CDVAE 0.5 A", "covalent", "SMACT", f"<= {max_atoms} atoms")
+    table = Table(
+        "file", "formula", "atoms", "parse", "CDVAE 0.5 A", "covalent", "SMACT", f"<= {max_atoms} atoms"
+    )
     problems: list[str] = []
     for path in files:
         try:
@@ -132,15 +139,22 @@ class RunConfig:
     # Whole-number tokens (" 0.25" is one token) make sequences ~3x shorter than digit-by-digit spelling, which
     # is what makes CPU training affordable; the vocabulary is large enough to hold every coordinate.
     tokenizer_split_digits: bool = False
+    # "line": the paper's one-line text. "lines": lattice, then one atom per line; the same tokens plus
+    # newlines, which a small model learns to lay out much sooner (the parser reads both).
+    structure_layout: Literal["line", "lines"] = "line"
     seed: int = 0
 
 
-def load_crystal_texts(split: str, data_dir, limit: int | None) -> list[tuple[str, str]]:
-    """(reduced formula, bulk text) of each structure of a split."""
+def load_crystal_texts(run: RunConfig, split: str, limit: int | None) -> list[tuple[str, str]]:
+    """(reduced formula, bulk text) of each structure of a split, in the run's text layout."""
     from crystals.data import iter_split
     from crystals.text import format_structure
 
-    return [(r.formula, format_structure(r.structure)) for r in iter_split(split, data_dir, limit=limit)]
+    separator = "\n" if run.structure_layout == "lines" else " "
+    return [
+        (r.formula, format_structure(r.structure, separator=separator))
+        for r in iter_split(split, run.data_dir, limit=limit)
+    ]
 
 
 def prompt_builder(run: RunConfig, train_texts: list[str] | None = None):
@@ -151,7 +165,9 @@ def prompt_builder(run: RunConfig, train_texts: list[str] | None = None):
     return PromptBuilder(examples="paper", seed=run.seed)
 
 
-def initial_model_source(run: RunConfig, run_dir: Path, train_pairs: list[tuple[str, str]] | None = None) -> str:
+def initial_model_source(
+    run: RunConfig, run_dir: Path, train_pairs: list[tuple[str, str]] | None = None
+) -> str:
     """Path or name of the run's starting model. A size name builds a fresh small Qwen2 with a BPE tokenizer
     trained on crystal text and the prompt, saved once under run_dir/initial_model (a resumed run reuses it)."""
     from grpo.models import MODEL_SIZES, build_small_model, save_model, train_bpe_tokenizer
@@ -160,7 +176,7 @@ def initial_model_source(run: RunConfig, run_dir: Path, train_pairs: list[tuple[
         return run.model
     initial = run_dir / "initial_model"
     if not (initial / "config.json").exists():
-        pairs = train_pairs if train_pairs is not None else load_crystal_texts("train", run.data_dir, run.train_limit)
+        pairs = train_pairs if train_pairs is not None else load_crystal_texts(run, "train", run.train_limit)
         builder = prompt_builder(run, [t for _, t in pairs])
         corpus = [t for _, t in pairs] + [builder.build(f).user_text for f, _ in pairs[:500]]
         tokenizer = train_bpe_tokenizer(
@@ -214,10 +230,40 @@ def latest_to_resume(out: Path, resume: bool):
 # --------------------------------------------------------------------------------------------------------------
 # sft / train / sample
 # --------------------------------------------------------------------------------------------------------------
+def run_sft(run: RunConfig, sft_config, out: Path, *, resume: bool = True, progress: bool = True) -> Path:
+    """Supervised fine-tuning into run directory `out`; returns the final model's path. Raises DataError."""
+    from grpo.models import save_model
+    from grpo.sft import SFTTrainer
+
+    checkpoint = latest_to_resume(out, resume)
+    train_pairs = load_crystal_texts(run, "train", run.train_limit)
+    policy, tokenizer = load_policy(run, initial_model_source(run, out, train_pairs), checkpoint)
+    val_pairs = load_crystal_texts(run, "val", sft_config.eval_samples)
+    builder = prompt_builder(run, [t for _, t in train_pairs])
+    trainer = SFTTrainer(
+        model=policy,
+        tokenizer=tokenizer,
+        train_pairs=[(builder.build(f).to_text(tokenizer), t) for f, t in train_pairs],
+        eval_pairs=[(builder.build(f).to_text(tokenizer), t) for f, t in val_pairs],
+        config=sft_config,
+        run_dir=out,
+        console_log=progress,
+    )
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
+    trainer.train(progress=progress)
+    final = save_model(policy, tokenizer, out / "final_model")
+    console.print(f"SFT done: {trainer.step_count} steps; model saved to {final}")
+    return final
+
+
 @app.command()
 def sft(
     out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoints, logs, resolved config).")],
-    model: Annotated[str | None, typer.Option(help="Model path/name, or a size name: tiny, small, base.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model path/name, or a size name: tiny, small, base.")
+    ] = None,
     data_dir: DataDirOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -225,39 +271,16 @@ def sft(
 ) -> None:
     """Supervised fine-tuning: prompt for a formula -> its ground-truth structure (MP-20 train), eval on val."""
     from crystals.data import DataError
-    from grpo.sft import SFTConfig, SFTTrainer
+    from grpo.sft import SFTConfig
 
     check_run_dir(out)
     configs = load_sections_or_fail({"run": RunConfig, "sft": SFTConfig}, config, set_)
-    run, sft_config = configs["run"], configs["sft"]
-    apply_cli_overrides(run, model=model, data_dir=data_dir)
+    apply_cli_overrides(configs["run"], model=model, data_dir=data_dir)
+    save_resolved_config(out, configs)
     try:
-        save_resolved_config(out, configs)
-        checkpoint = latest_to_resume(out, resume)
-        train_pairs = load_crystal_texts("train", run.data_dir, run.train_limit)
-        policy, tokenizer = load_policy(run, initial_model_source(run, out, train_pairs), checkpoint)
-        val_pairs = load_crystal_texts("val", run.data_dir, sft_config.eval_samples)
+        run_sft(configs["run"], configs["sft"], out, resume=resume)
     except DataError as err:
         raise fail(str(err)) from None
-    builder = prompt_builder(run, [t for _, t in train_pairs])
-    to_pairs = lambda pairs: [(builder.build(f).to_text(tokenizer), t) for f, t in pairs]  # noqa: E731
-    trainer = SFTTrainer(
-        model=policy,
-        tokenizer=tokenizer,
-        train_pairs=to_pairs(train_pairs),
-        eval_pairs=to_pairs(val_pairs),
-        config=sft_config,
-        run_dir=out,
-    )
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-        console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
-    trainer.train()
-    final = out / "final_model"
-    from grpo.models import save_model
-
-    save_model(policy, tokenizer, final)
-    console.print(f"SFT done: {trainer.step_count} steps; model saved to {final}")
 
 
 @dataclass
@@ -281,66 +304,94 @@ def build_reward_fn(reward: RewardConfig, data_dir: str | Path | None):
     return CrystalTextReward(resolved, max_atoms=reward.max_atoms)
 
 
+def crystal_prompt_items(run: RunConfig, formulas: list[str], tokenizer) -> list:
+    """GRPO prompts: the A.4 prompt per formula (chat template applied) with the formula and element set as
+    metadata for the reward."""
+    from grpo.trainer import PromptItem
+
+    examples = (
+        [t for _, t in load_crystal_texts(run, "train", 200)] if run.prompt_examples == "train" else None
+    )
+    builder = prompt_builder(run, examples)
+    items = []
+    for formula in formulas:
+        prompt = builder.build(formula)
+        items.append(
+            PromptItem(
+                prompt.to_text(tokenizer), {"formula": prompt.formula, "elements": sorted(prompt.elements)}
+            )
+        )
+    return items
+
+
+def run_grpo(
+    run: RunConfig, grpo_config, reward_fn, out: Path, *, resume: bool = True, progress: bool = True
+) -> Path:
+    """GRPO into run directory `out` on the training split's formulas; returns the final model's path."""
+    from crystals.data import split_formulas
+    from grpo.generation import HFGenerator
+    from grpo.models import load_model_and_tokenizer, save_model
+    from grpo.trainer import GRPOTrainer
+
+    checkpoint = latest_to_resume(out, resume)
+    source = initial_model_source(run, out)
+    policy, tokenizer = load_policy(run, source, checkpoint)
+    formulas = split_formulas("train", run.data_dir, seed=run.seed, limit=run.train_limit)
+    ref_model = None
+    if grpo_config.kl_coef > 0:  # the frozen starting model, for the KL term
+        ref_model, _ = load_model_and_tokenizer(source, dtype=run.dtype)
+        ref_model.requires_grad_(False)
+    trainer = GRPOTrainer(
+        model=policy,
+        tokenizer=tokenizer,
+        generator=HFGenerator(policy, tokenizer),
+        prompts=crystal_prompt_items(run, formulas, tokenizer),
+        reward_fn=reward_fn,
+        config=grpo_config,
+        run_dir=out,
+        ref_model=ref_model,
+        console_log=progress,
+    )
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
+    trainer.train(progress=progress)
+    final = save_model(policy, tokenizer, out / "final_model")
+    console.print(f"GRPO done: {trainer.step_count} steps; model saved to {final}")
+    return final
+
+
 @app.command()
 def train(
     out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoints, logs, resolved config).")],
-    model: Annotated[str | None, typer.Option(help="Starting model: a path (e.g. an SFT run's final_model), hub name, or size name.")] = None,
-    reward: Annotated[str | None, typer.Option(help="Reward: chgnet-etot, ehull, 'ehull+species+diversity', module:attr.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Starting model: a path (e.g. an SFT run's final_model), hub name, or size name."),
+    ] = None,
+    reward: Annotated[
+        str | None, typer.Option(help="Reward: chgnet-etot, ehull, 'ehull+species+diversity', module:attr.")
+    ] = None,
     data_dir: DataDirOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")] = True,
 ) -> None:
     """GRPO on prompts for the training split's formulas, rewarded by a crystal reward."""
-    from crystals.data import DataError, split_formulas
-    from grpo.generation import HFGenerator
-    from grpo.trainer import GRPOConfig, GRPOTrainer, PromptItem
+    from crystals.data import DataError
+    from grpo.trainer import GRPOConfig
 
     check_run_dir(out)
-    configs = load_sections_or_fail({"run": RunConfig, "grpo": GRPOConfig, "reward": RewardConfig}, config, set_)
-    run, grpo_config, reward_config = configs["run"], configs["grpo"], configs["reward"]
-    apply_cli_overrides(run, model=model, data_dir=data_dir)
-    apply_cli_overrides(reward_config, name=reward)
-    reward_fn = build_reward_fn(reward_config, run.data_dir)
+    configs = load_sections_or_fail(
+        {"run": RunConfig, "grpo": GRPOConfig, "reward": RewardConfig}, config, set_
+    )
+    apply_cli_overrides(configs["run"], model=model, data_dir=data_dir)
+    apply_cli_overrides(configs["reward"], name=reward)
+    reward_fn = build_reward_fn(configs["reward"], configs["run"].data_dir)
+    save_resolved_config(out, configs)
     try:
-        save_resolved_config(out, configs)
-        checkpoint = latest_to_resume(out, resume)
-        source = initial_model_source(run, out)
-        policy, tokenizer = load_policy(run, source, checkpoint)
-        formulas = split_formulas("train", run.data_dir, seed=run.seed, limit=run.train_limit)
-        examples = [t for _, t in load_crystal_texts("train", run.data_dir, 200)] if run.prompt_examples == "train" else None
+        run_grpo(configs["run"], configs["grpo"], reward_fn, out, resume=resume)
     except DataError as err:
         raise fail(str(err)) from None
-    ref_model = None
-    if grpo_config.kl_coef > 0:
-        from grpo.models import load_model_and_tokenizer
-
-        ref_model, _ = load_model_and_tokenizer(source, dtype=run.dtype)
-        ref_model.requires_grad_(False)
-    builder = prompt_builder(run, examples)
-    prompts = []
-    for formula in formulas:
-        crystal_prompt = builder.build(formula)
-        meta = {"formula": crystal_prompt.formula, "elements": sorted(crystal_prompt.elements)}
-        prompts.append(PromptItem(crystal_prompt.to_text(tokenizer), meta))
-    trainer = GRPOTrainer(
-        model=policy,
-        tokenizer=tokenizer,
-        generator=HFGenerator(policy, tokenizer),
-        prompts=prompts,
-        reward_fn=reward_fn,
-        config=grpo_config,
-        run_dir=out,
-        ref_model=ref_model,
-    )
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-        console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
-    trainer.train()
-    from grpo.models import save_model
-
-    save_model(policy, tokenizer, out / "final_model")
-    console.print(f"GRPO done: {trainer.step_count} steps; model saved to {out / 'final_model'}")
 
 
 def generate_samples(
@@ -370,13 +421,32 @@ def generate_samples(
         texts = decode_responses(tokenizer, rollout)
         for i, text in enumerate(texts):
             prompt = prompts[i // samples_per_formula]
-            record = {"id": f"{prompt.formula}-{start + i // samples_per_formula}-{i % samples_per_formula}", "formula": prompt.formula, "text": text}
+            record = {
+                "id": f"{prompt.formula}-{start + i // samples_per_formula}-{i % samples_per_formula}",
+                "formula": prompt.formula,
+                "text": text,
+            }
             try:
                 structure = parse_structure(text)
                 record |= {"parse": "ok", "cif": write_cif(structure)}
             except ParseError as err:
                 record |= {"parse": err.reason, "cif": None}
             records.append(record)
+    return records
+
+
+def write_samples(model: str | Path, formulas: list[str], out: Path, **sampling) -> list[dict]:
+    """Sample from a saved model for `formulas` and write the records to JSONL atomically (temp file + rename)."""
+    from grpo.models import load_model_and_tokenizer
+
+    policy, tokenizer = load_model_and_tokenizer(model, dtype="auto")
+    records = generate_samples(
+        policy, tokenizer, formulas, builder=prompt_builder(RunConfig(seed=sampling["seed"])), **sampling
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out)
     return records
 
 
@@ -394,7 +464,6 @@ def sample(
 ) -> None:
     """Sample structures for a split's formulas; writes JSONL (id, formula, text, parse status, CIF)."""
     from crystals.data import DataError, split_formulas
-    from grpo.models import load_model_and_tokenizer
 
     if out.exists() and out.is_dir():
         raise fail(f"--out {out} is a directory; give a .jsonl file path")
@@ -403,23 +472,21 @@ def sample(
     except DataError as err:
         raise fail(str(err)) from None
     try:
-        policy, tokenizer = load_model_and_tokenizer(model, dtype="auto")
+        records = write_samples(
+            model,
+            formulas,
+            out,
+            samples_per_formula=samples_per_formula,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
     except OSError as err:
         raise fail(f"cannot load model {model!r}: {err}") from None
-    records = generate_samples(
-        policy,
-        tokenizer,
-        formulas,
-        samples_per_formula=samples_per_formula,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        builder=prompt_builder(RunConfig(seed=seed)),
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in records))
     parsed = sum(r["parse"] == "ok" for r in records)
-    console.print(f"wrote {len(records)} samples to {out}; {parsed} parse as crystals ({parsed / max(1, len(records)):.0%})")
+    console.print(
+        f"wrote {len(records)} samples to {out}; {parsed} parse as crystals ({parsed / max(1, len(records)):.0%})"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -474,6 +541,215 @@ def reward(
     for name, meta, value, info in zip(names, metas, rewards_, infos, strict=True):
         table.add_row(name, meta["formula"], f"{value:.4f}", str(info.get("penalty") or ""))
     console.print(table)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# demo: the whole pipeline, resumable stage by stage
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class DemoConfig:
+    """Every knob of the demo. The defaults fit ~15 minutes on 2 CPU cores; `--quick` shrinks them (QUICK_DEMO)."""
+
+    model_size: str = "tiny"
+    structure_layout: Literal["line", "lines"] = "lines"
+    sft_steps: int = 400
+    sft_batch_size: int = 16
+    sft_lr: float = 2e-3
+    grpo_steps: int = 16
+    grpo_prompts_per_step: int = 4
+    grpo_group_size: int = 8
+    grpo_lr: float = 2e-5
+    grpo_kl_coef: float = 0.001
+    max_new_tokens: int = 160
+    eval_formulas: int = 24
+    samples_per_formula: int = 2
+    relax_steps: int = 100
+    novelty_train_limit: int = 300
+    reward: str = RewardConfig.name
+    seed: int = 0
+
+
+QUICK_DEMO = {
+    "sft_steps": 40,
+    "sft_batch_size": 8,
+    "grpo_steps": 2,
+    "grpo_prompts_per_step": 2,
+    "grpo_group_size": 4,
+    "eval_formulas": 4,
+    "samples_per_formula": 2,
+    "relax_steps": 10,
+    "novelty_train_limit": 20,
+}
+DEMO_STAGES = ("model", "sft", "grpo", "sample", "evaluate")
+
+
+class StageLog:
+    """Which demo stages are finished and how long each took, kept in RUN/stages.json (written atomically)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stages: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def done(self, stage: str) -> bool:
+        return self.stages.get(stage, {}).get("done", False)
+
+    def finish(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = {"done": True, "seconds": round(seconds, 1)}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.stages, indent=2))
+        tmp.replace(self.path)
+
+
+def demo_configs(demo: DemoConfig, data_dir: str | None) -> dict:
+    """The run, SFT, GRPO and reward configs the demo's stages use."""
+    from grpo.sft import SFTConfig
+    from grpo.trainer import GRPOConfig
+
+    run = RunConfig(
+        model=demo.model_size, data_dir=data_dir, structure_layout=demo.structure_layout, seed=demo.seed
+    )
+    sft_config = SFTConfig(
+        total_steps=demo.sft_steps,
+        batch_size=demo.sft_batch_size,
+        lr=demo.sft_lr,
+        warmup_steps=min(20, demo.sft_steps // 10),
+        eval_every=max(1, demo.sft_steps // 4),
+        eval_samples=64,
+        checkpoint_every=max(1, demo.sft_steps // 4),
+        log_every=max(1, demo.sft_steps // 20),
+        seed=demo.seed,
+    )
+    grpo_config = GRPOConfig(
+        total_steps=demo.grpo_steps,
+        prompts_per_step=demo.grpo_prompts_per_step,
+        group_size=demo.grpo_group_size,
+        micro_batch_size=16,
+        lr=demo.grpo_lr,
+        kl_coef=demo.grpo_kl_coef,
+        max_new_tokens=demo.max_new_tokens,
+        checkpoint_every=max(1, demo.grpo_steps // 4),
+        seed=demo.seed,
+    )
+    return {"run": run, "sft": sft_config, "grpo": grpo_config, "reward": RewardConfig(name=demo.reward)}
+
+
+def check_demo_config(out: Path, demo: DemoConfig) -> None:
+    """A run directory continues only the demo that wrote it: a different config is refused, not mixed in."""
+    from grpo.config import ConfigError, build_config, read_toml, to_toml
+
+    saved_path = out / "demo_config.toml"
+    if saved_path.exists():
+        try:
+            saved = build_config(DemoConfig, read_toml(saved_path).get("demo"), section="demo")
+        except ConfigError as err:
+            raise fail(f"{out} holds a run of an incompatible demo config ({err}); use a new --out") from None
+        if saved != demo:
+            changed = sorted(k for k in vars(demo) if getattr(saved, k) != getattr(demo, k))
+            raise fail(
+                f"{out} holds a demo run with different settings ({', '.join(changed)}); use a new --out"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(to_toml({"demo": demo}))
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path, typer.Option("--out", help="Run directory; re-run with the same --out to resume.")
+    ] = Path("runs/demo"),
+    reward: Annotated[str | None, typer.Option(help="RL reward, as for `train` (e.g. ehull).")] = None,
+    data_dir: DataDirOption = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Shrink every stage (about 3 minutes).")] = False,
+) -> None:
+    """The whole pipeline on the embedded default: small model -> SFT -> GRPO -> sample -> relax -> Tables 1 and 2."""
+    import time
+
+    from crystals.data import DataError, resolve_data_dir, split_formulas
+
+    check_run_dir(out)
+    demo_config = DemoConfig(**(QUICK_DEMO if quick else {}))
+    if reward is not None:
+        demo_config.reward = reward
+    try:
+        data_path = resolve_data_dir(data_dir)
+    except DataError as err:
+        raise fail(str(err)) from None
+    check_demo_config(out, demo_config)
+    configs = demo_configs(demo_config, str(data_dir) if data_dir else None)
+    save_resolved_config(out, configs)
+    reward_fn = build_reward_fn(configs["reward"], configs["run"].data_dir)
+    stages = StageLog(out / "stages.json")
+    sft_dir, grpo_dir, samples_dir = out / "sft", out / "grpo", out / "samples"
+    console.print(f"[bold]crystal-grpo demo[/bold] -> {out} (data: {data_path})")
+
+    def stage(name: str, work) -> None:
+        if stages.done(name):
+            console.print(
+                f"[dim]stage {name}: done earlier ({stages.stages[name]['seconds']} s), skipped[/dim]"
+            )
+            return
+        console.rule(f"stage {name}")
+        t0 = time.perf_counter()
+        work()
+        stages.finish(name, time.perf_counter() - t0)
+
+    try:
+        stage("model", lambda: initial_model_source(configs["run"], sft_dir))
+        stage("sft", lambda: run_sft(configs["run"], configs["sft"], sft_dir))
+        grpo_run = RunConfig(**{**vars(configs["run"]), "model": str(sft_dir / "final_model")})
+        stage("grpo", lambda: run_grpo(grpo_run, configs["grpo"], reward_fn, grpo_dir))
+        formulas = split_formulas(
+            "test", configs["run"].data_dir, seed=demo_config.seed, limit=demo_config.eval_formulas
+        )
+        sampling = {
+            "samples_per_formula": demo_config.samples_per_formula,
+            "temperature": 1.0,
+            "max_new_tokens": demo_config.max_new_tokens,
+            "seed": demo_config.seed,
+        }
+
+        def sample_both() -> None:
+            for arm, model_dir in (("sft", sft_dir), ("sft_rl", grpo_dir)):
+                records = write_samples(
+                    model_dir / "final_model", formulas, samples_dir / f"{arm}.jsonl", **sampling
+                )
+                parsed = sum(r["parse"] == "ok" for r in records)
+                console.print(f"{arm}: {parsed}/{len(records)} samples parse as crystals")
+
+        stage("sample", sample_both)
+        stage("evaluate", lambda: evaluate_demo(out, demo_config, data_path))
+    except DataError as err:
+        raise fail(str(err)) from None
+    print_demo_report(out, stages)
+
+
+def evaluate_demo(out: Path, demo_config: DemoConfig, data_path: Path) -> None:
+    from evaluation.relax import RelaxConfig
+    from evaluation.report import evaluate_samples
+
+    evaluate_samples(
+        [out / "samples" / "sft.jsonl", out / "samples" / "sft_rl.jsonl"],
+        out_dir=out / "report",
+        data_dir=data_path,
+        train_limit=demo_config.novelty_train_limit,
+        relax_config=RelaxConfig(max_steps=demo_config.relax_steps),
+        training_log=out / "grpo" / "train_log.jsonl",
+    )
+
+
+def print_demo_report(out: Path, stages: StageLog) -> None:
+    report = out / "report"
+    for name in ("table1.md", "table2.md"):
+        if (report / name).exists():
+            console.print((report / name).read_text())
+    table = Table("stage", "seconds")
+    for name in DEMO_STAGES:
+        table.add_row(name, str(stages.stages.get(name, {}).get("seconds", "-")))
+    console.print(table)
+    console.print(
+        f"report: {report}  (metrics.json, table1.md, table2.md, plots, CIFs of metastable candidates)"
+    )
 
 
 def main() -> None:  # pragma: no cover - console-script convenience
