@@ -13,6 +13,14 @@ minutes on a busy machine), so its stable phases are cached as gzipped JSON unde
 diagram would be 216 MB); loading that takes a fraction of a second. Phase diagrams per chemical system are
 then built on demand from the stable phases (a few ms each, kept in memory), which also covers new
 combinations of known elements; an element outside MP-20 raises ``HullError``.
+
+Where the hull comes from (``hull_data_paths``, used by every loader): a data directory holding
+mp20/mp20_all_splits_meta.csv.gz and hull/ gives the hull of that CSV (built, or read from the cache);
+any other (the packaged demo subset, a user's own splits) falls back to the copy packaged in
+rewards/hull_data/: the stable phases of the shared MP-20 CSV, in the cache's format and file name, plus the
+elemental references (0.4 MB; rebuilt by ``python -m rewards.hull_data.build``). The packaged directory
+also acts as a read-only cache: a CSV with the packaged copy's sha256 is never rebuilt.
+
 Caveat from the README: the hull holds only MP-20 phases (<= 20 atoms, E_hull < 0.08), so for novel
 compositions it is more lenient than the full MP hull: a missing competing phase makes E_hull too low.
 
@@ -36,8 +44,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import time
 from itertools import combinations
 from pathlib import Path
@@ -49,6 +59,12 @@ from pymatgen.entries.computed_entries import ComputedEntry
 META_FILE = "mp20_all_splits_meta.csv.gz"
 REFERENCES_FILE = "2023-02-07-mp-elemental-reference-entries.json.gz"
 CACHE_ENV = "CRYSTAL_GRPO_CACHE"
+PACKAGED_DIR = Path(__file__).resolve().parent / "hull_data"
+# stable-phase files (cache and package): mp20-hull-<first 16 hex of the meta CSV's sha256>.json.gz
+STABLE_GLOB = "mp20-hull-*.json.gz"
+_STABLE_NAME = re.compile(r"^mp20-hull-([0-9a-f]{16})\.json\.gz$")
+
+log = logging.getLogger(__name__)
 
 
 class HullError(ValueError):
@@ -67,20 +83,61 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def hull_data_paths(data_dir: str | Path | None = None) -> tuple[Path, Path]:
+def stable_file_name(source_sha256: str) -> str:
+    """Name of the stable-phase file of the hull built from a meta CSV with this sha256 (cache and package)."""
+    return f"mp20-hull-{source_sha256[:16]}.json.gz"
+
+
+def write_stable(path: Path, stable: dict[str, list[tuple[str, float]]]) -> None:
+    """Write stable phases as gzipped JSON: no timestamp in the gzip header, so equal phases give equal
+    bytes; atomic (tmp + rename), so concurrent sessions never read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(gzip.compress(json.dumps(stable).encode(), mtime=0))
+    tmp.replace(path)
+
+
+def full_data_hull_files(data_dir: str | Path | None = None) -> tuple[Path, Path] | None:
     """(MP-20 meta CSV, elemental references) of a full data directory (the one holding mp20/ and hull/,
-    or mp20/ itself; default: $CRYSTAL_GRPO_DATA)."""
-    from crystals.data import DataError, resolve_data_dir
+    or mp20/ itself; resolved by ``crystals.data.resolve_data_dir``), None when it lacks either file."""
+    from crystals.data import resolve_data_dir
 
     mp20 = resolve_data_dir(data_dir)
     meta, refs = mp20 / META_FILE, mp20.parent / "hull" / REFERENCES_FILE
-    missing = [str(p) for p in (meta, refs) if not p.is_file()]
-    if missing:
-        raise DataError(
-            f"E_hull needs the full MP-20 data (missing {', '.join(missing)}); pass data_dir or set "
-            "CRYSTAL_GRPO_DATA to the directory holding mp20/ and hull/"
+    return (meta, refs) if meta.is_file() and refs.is_file() else None
+
+
+def packaged_hull_files(directory: Path = PACKAGED_DIR) -> tuple[Path, Path]:
+    """(stable phases, elemental references) packaged in ``directory`` (default rewards/hull_data)."""
+    stable = sorted(directory.glob(STABLE_GLOB))
+    refs = directory / REFERENCES_FILE
+    if len(stable) != 1 or not refs.is_file():
+        raise FileNotFoundError(
+            f"the packaged MP-20 hull in {directory} is incomplete (expected one {STABLE_GLOB} and "
+            f"{REFERENCES_FILE}; found {[p.name for p in stable]}): reinstall crystal-grpo or rebuild it with "
+            "`python -m rewards.hull_data.build --data-dir DIR`, or pass a full data directory"
         )
-    return meta, refs
+    return stable[0], refs
+
+
+def hull_data_paths(data_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """(hull source, elemental references) for E_hull; the one resolution every loader uses.
+
+    The data directory (option > $CRYSTAL_GRPO_DATA > packaged demo subset) gives (meta CSV, references)
+    when it holds both; otherwise the packaged copy gives (stable-phase JSON, references). Either source
+    is what ``MP20Hull.load`` takes, with identical E_hull for the shared MP-20 CSV."""
+    full = full_data_hull_files(data_dir)
+    if full is not None:
+        log.info("E_hull: MP-20 hull of the data directory (%s, %s)", *full)
+        return full
+    packaged = packaged_hull_files()
+    log.info(
+        "E_hull: packaged MP-20 hull (%s, %s); the data directory has no %s with hull/%s beside it",
+        *packaged,
+        META_FILE,
+        REFERENCES_FILE,
+    )
+    return packaged
 
 
 def _composition(composition: Composition | str) -> Composition:
@@ -98,7 +155,7 @@ class MP20Hull:
 
     def __init__(self, stable: dict[str, list[tuple[str, float]]], source_sha256: str = ""):
         self.stable = stable
-        self.source_sha256 = source_sha256
+        self.source_sha256 = source_sha256  # of the meta CSV; its first 16 hex only when read from a file
         self.elements = frozenset(el for chemsys in stable for el in chemsys.split("-"))
         self._pds: dict[frozenset[str], PhaseDiagram] = {}
 
@@ -120,34 +177,45 @@ class MP20Hull:
         elements = sorted({el.symbol for entry in entries for el in entry.composition.elements})
         entries += [PDEntry(Composition(el), 0.0, name=el) for el in elements]
         stable: dict[str, list[tuple[str, float]]] = {}
-        for entry in PatchedPhaseDiagram(entries).stable_entries:
+        for entry in PatchedPhaseDiagram(entries).stable_entries:  # a set: sorted below for stable bytes
             comp = entry.composition
             stable.setdefault(comp.chemical_system, []).append((comp.formula, entry.energy_per_atom))
-        return cls(stable, file_sha256(meta_csv))
+        return cls({k: sorted(v) for k, v in sorted(stable.items())}, file_sha256(meta_csv))
 
     @classmethod
-    def load(
-        cls, meta_csv: str | Path | None = None, cache_dir: str | Path | None = None, verbose: bool = False
-    ) -> MP20Hull:
-        """The hull for ``meta_csv`` (default: from $CRYSTAL_GRPO_DATA), read from the disk cache when a
-        file with the same sha256 was built before, else built and cached (JSON, ~1 MB)."""
-        meta_csv = Path(meta_csv) if meta_csv is not None else hull_data_paths()[0]
-        sha = file_sha256(meta_csv)
+    def read(cls, path: str | Path, source_sha256: str | None = None) -> MP20Hull:
+        """The hull stored in a stable-phase file (``write_stable``); ``source_sha256`` defaults to the key
+        in its name."""
+        path = Path(path)
+        if source_sha256 is None:
+            match = _STABLE_NAME.match(path.name)
+            source_sha256 = match[1] if match else ""
+        with gzip.open(path, "rt") as fh:
+            stable = json.load(fh)
+        return cls({k: [tuple(x) for x in v] for k, v in stable.items()}, source_sha256)
+
+    @classmethod
+    def load(cls, source: str | Path | None = None, cache_dir: str | Path | None = None) -> MP20Hull:
+        """The hull of ``source`` (default: ``hull_data_paths()[0]``). A stable-phase file (*.json.gz, e.g.
+        the packaged copy) is read as is. For the meta CSV, the file named by its sha256 is read from the
+        cache dir or the packaged dir when there, else the hull is built and cached (JSON, ~0.4 MB)."""
+        source = Path(source) if source is not None else hull_data_paths()[0]
+        if source.name.endswith(".json.gz"):
+            return cls.read(source)
+        sha = file_sha256(source)
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        path = cache_dir / f"mp20-hull-{sha[:16]}.json.gz"
-        if path.is_file():
-            with gzip.open(path, "rt") as fh:
-                stable = json.load(fh)
-            return cls({k: [tuple(x) for x in v] for k, v in stable.items()}, sha)
+        name = stable_file_name(sha)
+        for path in (cache_dir / name, PACKAGED_DIR / name):
+            if path.is_file():
+                log.info("MP-20 hull of %s read from %s", source, path)
+                return cls.read(path, sha)
+        log.info("building the MP-20 hull of %s (~75 s on 2 idle cores; cached afterwards)", source)
         start = time.perf_counter()
-        hull = cls.build(meta_csv)
-        if verbose:
-            print(f"built the MP-20 hull in {time.perf_counter() - start:.0f} s; caching it at {path}")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with gzip.open(tmp, "wt") as fh:
-            json.dump(hull.stable, fh)
-        tmp.replace(path)  # atomic: concurrent sessions never read a half-written file
+        hull = cls.build(source)
+        write_stable(cache_dir / name, hull.stable)
+        log.info(
+            "built the MP-20 hull in %.0f s; cached at %s", time.perf_counter() - start, cache_dir / name
+        )
         return hull
 
     def phase_diagram(self, composition: Composition | str) -> PhaseDiagram:
@@ -237,8 +305,8 @@ class EnergyToHull:
         cache_dir: str | Path | None = None,
         apply_mp2020: bool = False,
     ) -> EnergyToHull:
-        meta, refs = hull_data_paths(data_dir)
-        return cls(MP20Hull.load(meta, cache_dir), ElementalReferences.load(refs), apply_mp2020)
+        source, refs = hull_data_paths(data_dir)
+        return cls(MP20Hull.load(source, cache_dir), ElementalReferences.load(refs), apply_mp2020)
 
     def formation_energy_per_atom(self, structure: Structure, energy_per_atom: float) -> float:
         energy = energy_per_atom * len(structure)
