@@ -230,9 +230,21 @@ def latest_to_resume(out: Path, resume: bool):
 # --------------------------------------------------------------------------------------------------------------
 # sft / train / sample
 # --------------------------------------------------------------------------------------------------------------
+def train_and_save(trainer, checkpoint: Path | None, out: Path, label: str, progress: bool) -> Path:
+    """Resume the trainer from `checkpoint` (if any), train to the end, save RUN/final_model."""
+    from grpo.models import save_model
+
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
+    trainer.train(progress=progress)
+    final = save_model(trainer.model, trainer.tokenizer, out / "final_model")
+    console.print(f"{label} done: {trainer.step_count} steps; model saved to {final}")
+    return final
+
+
 def run_sft(run: RunConfig, sft_config, out: Path, *, resume: bool = True, progress: bool = True) -> Path:
     """Supervised fine-tuning into run directory `out`; returns the final model's path. Raises DataError."""
-    from grpo.models import save_model
     from grpo.sft import SFTTrainer
 
     checkpoint = latest_to_resume(out, resume)
@@ -249,13 +261,7 @@ def run_sft(run: RunConfig, sft_config, out: Path, *, resume: bool = True, progr
         run_dir=out,
         console_log=progress,
     )
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-        console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
-    trainer.train(progress=progress)
-    final = save_model(policy, tokenizer, out / "final_model")
-    console.print(f"SFT done: {trainer.step_count} steps; model saved to {final}")
-    return final
+    return train_and_save(trainer, checkpoint, out, "SFT", progress)
 
 
 @app.command()
@@ -330,7 +336,7 @@ def run_grpo(
     """GRPO into run directory `out` on the training split's formulas; returns the final model's path."""
     from crystals.data import split_formulas
     from grpo.generation import HFGenerator
-    from grpo.models import load_model_and_tokenizer, save_model
+    from grpo.models import load_model_and_tokenizer
     from grpo.trainer import GRPOTrainer
 
     checkpoint = latest_to_resume(out, resume)
@@ -352,13 +358,7 @@ def run_grpo(
         ref_model=ref_model,
         console_log=progress,
     )
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-        console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
-    trainer.train(progress=progress)
-    final = save_model(policy, tokenizer, out / "final_model")
-    console.print(f"GRPO done: {trainer.step_count} steps; model saved to {final}")
-    return final
+    return train_and_save(trainer, checkpoint, out, "GRPO", progress)
 
 
 @app.command()
@@ -544,6 +544,70 @@ def reward(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------------------
+@app.command()
+def evaluate(
+    samples: Annotated[
+        list[Path],
+        typer.Argument(help="Samples JSONL files (formula, text[, id]); several -> one comparison."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Report directory; re-running resumes the relaxations.")],
+    relaxer: Annotated[
+        str, typer.Option(help="chgnet, sevenn or uma (UMA: --relaxer-option checkpoint=PATH).")
+    ] = "chgnet",
+    relaxer_option: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE passed to the relaxer's calculator.")
+    ] = None,
+    train_data: DataDirOption = None,
+    train_limit: Annotated[
+        int | None, typer.Option(help="Use only the first N training structures for novelty.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Relaxation processes (default: one per core).")] = None,
+    fmax: Annotated[float, typer.Option(help="Relaxation force threshold, eV/A (paper: 0.02).")] = 0.02,
+    max_steps: Annotated[int, typer.Option(help="Relaxation steps at most (paper: 100).")] = 100,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds per structure before it is recorded as timed out.")
+    ] = 600.0,
+    training_log: Annotated[
+        Path | None, typer.Option(help="A run's train_log.jsonl, for the training-curve plot.")
+    ] = None,
+) -> None:
+    """Relax generated structures and write the paper's Table 1 and Table 2, metrics.json, CSV, CIFs and plots."""
+    from crystals.data import DataError
+    from evaluation.relax import RelaxConfig
+    from evaluation.report import evaluate_samples
+
+    missing = [str(p) for p in samples if not p.is_file()]
+    if missing:
+        raise fail(f"samples file(s) not found: {', '.join(missing)}")
+    check_run_dir(out)
+    options = {}
+    for item in relaxer_option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise fail(f"--relaxer-option {item!r} must look like KEY=VALUE")
+        options[key] = value
+    try:
+        evaluate_samples(
+            samples,
+            out_dir=out,
+            relaxer=relaxer,
+            relaxer_options=options,
+            data_dir=train_data,
+            train_limit=train_limit,
+            workers=workers,
+            relax_config=RelaxConfig(fmax=fmax, max_steps=max_steps, timeout_s=timeout),
+            training_log=training_log,
+        )
+    except (DataError, ValueError, ImportError, FileNotFoundError) as err:
+        raise fail(str(err)) from None
+    for name in ("table1.md", "table2.md"):
+        console.print((out / name).read_text())
+    console.print(f"report written to {out}")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # demo: the whole pipeline, resumable stage by stage
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -675,10 +739,10 @@ def demo(
         data_path = resolve_data_dir(data_dir)
     except DataError as err:
         raise fail(str(err)) from None
-    check_demo_config(out, demo_config)
     configs = demo_configs(demo_config, str(data_dir) if data_dir else None)
-    save_resolved_config(out, configs)
     reward_fn = build_reward_fn(configs["reward"], configs["run"].data_dir)
+    check_demo_config(out, demo_config)
+    save_resolved_config(out, configs)
     stages = StageLog(out / "stages.json")
     sft_dir, grpo_dir, samples_dir = out / "sft", out / "grpo", out / "samples"
     console.print(f"[bold]crystal-grpo demo[/bold] -> {out} (data: {data_path})")

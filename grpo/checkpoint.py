@@ -37,7 +37,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -100,7 +102,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, *, optimizer=None, scheduler=None, restore_rng: bool = True) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: Path, *, optimizer=None, scheduler=None, restore_rng: bool = True
+) -> LoadedCheckpoint:
     """Restore optimizer, scheduler and RNG state in place; the model is loaded by the caller from `path / "model"`."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())

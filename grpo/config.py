@@ -116,7 +116,9 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string (escapes newlines, quotes, ...)
+    return json.dumps(
+        str(value)
+    )  # a JSON string is a valid TOML basic string (escapes newlines, quotes, ...)
 
 
 def to_toml(configs: dict[str, Any]) -> str:

@@ -48,7 +48,9 @@ class Generator(Protocol):
     def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig) -> Rollout: ...
 
 
-def response_mask_from_eos(response_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_mask_from_eos(
+    response_ids: torch.Tensor, eos_token_ids: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask tokens up to and including the first EOS; also return which rows never produced one (truncated)."""
     is_eos = torch.isin(response_ids, torch.tensor(list(eos_token_ids), device=response_ids.device))
     eos_seen_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
@@ -121,7 +123,10 @@ class HFGenerator:
                 self.model.train()
         width = max(chunk.shape[1] for chunk in chunks)
         response_ids = torch.cat(
-            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks]
+            [
+                torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id)
+                for c in chunks
+            ]
         )
         response_mask, truncated = response_mask_from_eos(response_ids, self.eos_token_ids)
         response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
@@ -137,5 +142,8 @@ class HFGenerator:
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     """Decoded response texts, special tokens (EOS, padding) removed."""
-    rows = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
+    rows = [
+        ids[mask.bool()].tolist()
+        for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)
+    ]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)

@@ -21,7 +21,9 @@ def build_adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def lr_lambda(*, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
+def lr_lambda(
+    *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float = 0.0
+) -> Callable[[int], float]:
     """Multiplier of the peak learning rate: linear warmup, then constant or cosine decay to `min_lr_ratio`."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr schedule {schedule!r}")
@@ -35,6 +37,17 @@ def lr_lambda(*, warmup_steps: int, total_steps: int, schedule: str, min_lr_rati
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of a config with warmup_steps, total_steps, lr_schedule and min_lr_ratio (SFT and GRPO)."""
+    factor = lr_lambda(
+        warmup_steps=config.warmup_steps,
+        total_steps=config.total_steps,
+        schedule=config.lr_schedule,
+        min_lr_ratio=config.min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class IndexSampler:

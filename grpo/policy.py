@@ -12,7 +12,10 @@ from grpo.losses import entropy_from_logits, token_logprobs
 
 
 def concat_prompt_response(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input_ids, attention_mask and position_ids of the full sequences."""
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
@@ -38,7 +41,9 @@ def response_logprobs(
     float32 copy of the whole [N, R, vocab] tensor is made.
     """
     device = next(model.parameters()).device
-    input_ids, attention_mask, position_ids = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
+    input_ids, attention_mask, position_ids = concat_prompt_response(
+        prompt_ids, prompt_mask, response_ids, response_mask
+    )
     response_len = response_ids.shape[1]
     # The logit at position t predicts token t+1, so the response is scored by the last R+1 positions but one.
     # Asking the model for only those logits skips the [N, prompt_len, vocab] projection of the prompt.
@@ -58,7 +63,9 @@ def response_logprobs(
 
 
 @torch.no_grad()
-def batched_response_logprobs(model, rollout, *, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+def batched_response_logprobs(
+    model, rollout, *, micro_batch_size: int, temperature: float = 1.0
+) -> torch.Tensor:
     """`response_logprobs` over a whole rollout in micro-batches, without gradients (old and reference policies)."""
     was_training = model.training
     model.eval()

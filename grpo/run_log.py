@@ -46,8 +46,32 @@ class RunLogger:
                 if isinstance(value, int | float) and key != "step":
                     self.tensorboard.add_scalar(key, value, step)
         if console_keys:
-            parts = [f"{k}={record[k]:.4g}" if isinstance(record.get(k), float) else f"{k}={record.get(k)}" for k in console_keys]
+            parts = [
+                f"{k}={record[k]:.4g}" if isinstance(record.get(k), float) else f"{k}={record.get(k)}"
+                for k in console_keys
+            ]
             self.console.print(f"[bold]step {step}[/bold] " + " ".join(parts))
+
+
+def step_progress(label: str, *, disable: bool = False):
+    """A rich progress bar over training steps with an ETA: use `bar.update(task, completed=step)`."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    return Progress(*columns, disable=disable, transient=True)
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import torch
 
 from grpo.checkpoint import load_checkpoint, save_checkpoint
-from grpo.optim import IndexSampler, build_adamw, lr_lambda
-from grpo.run_log import RunLogger
+from grpo.optim import IndexSampler, build_adamw, build_scheduler
+from grpo.run_log import RunLogger, step_progress
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,15 @@ def collate(items: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torc
 def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of the labelled tokens and their count."""
     device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits
     labels = batch["labels"].to(device)[:, 1:]
     nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
     return nll, int((labels != IGNORE_INDEX).sum())
 
@@ -107,21 +112,20 @@ class SFTTrainer:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.run_dir = Path(run_dir)
         self.train_items, dropped = tokenize_pairs(tokenizer, train_pairs, config.max_length)
-        self.eval_items, _ = tokenize_pairs(tokenizer, list(eval_pairs)[: config.eval_samples], config.max_length)
+        self.eval_items, _ = tokenize_pairs(
+            tokenizer, list(eval_pairs)[: config.eval_samples], config.max_length
+        )
         if dropped:
-            log.warning("dropped %d of %d training pairs longer than %d tokens", dropped, len(train_pairs), config.max_length)
+            log.warning(
+                "dropped %d of %d training pairs longer than %d tokens",
+                dropped,
+                len(train_pairs),
+                config.max_length,
+            )
         self.dropped = dropped
         self.sampler = IndexSampler(len(self.train_items), config.seed)
         self.optimizer = build_adamw(model, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lr_lambda(
-                warmup_steps=config.warmup_steps,
-                total_steps=config.total_steps,
-                schedule=config.lr_schedule,
-                min_lr_ratio=config.min_lr_ratio,
-            ),
-        )
+        self.scheduler = build_scheduler(self.optimizer, config)
         self.logger = RunLogger(self.run_dir / "sft_log.jsonl")
         self.console_log = console_log
         self.step_count = 0
@@ -153,7 +157,9 @@ class SFTTrainer:
         self.model.eval()
         total, count = 0.0, 0
         for start in range(0, len(self.eval_items), self.config.batch_size):
-            batch = collate(self.eval_items[start : start + self.config.batch_size], self.tokenizer.pad_token_id)
+            batch = collate(
+                self.eval_items[start : start + self.config.batch_size], self.tokenizer.pad_token_id
+            )
             nll, n = response_nll(self.model, batch)
             total, count = total + nll.item(), count + n
         self.model.train()
@@ -178,15 +184,17 @@ class SFTTrainer:
         self.step_count += 1
         elapsed = time.perf_counter() - t0
         tokens = int(batch["attention_mask"].sum())
-        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "tokens_per_s": tokens / elapsed}
+        return {
+            "loss": loss.item(),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "tokens_per_s": tokens / elapsed,
+        }
 
     def train(self, *, progress: bool = True) -> list[dict[str, Any]]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         cfg = self.config
         history = []
-        columns = [TextColumn("SFT"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-        with Progress(*columns, disable=not progress, transient=True) as bar:
+        with step_progress("SFT", disable=not progress) as bar:
             task = bar.add_task("sft", total=cfg.total_steps, completed=self.step_count)
             while self.step_count < cfg.total_steps:
                 metrics = self.step()
@@ -195,7 +203,9 @@ class SFTTrainer:
                     metrics["eval_loss"] = self.evaluate()
                 if self.step_count % cfg.log_every == 0 or done or "eval_loss" in metrics:
                     keys = ("loss", "eval_loss", "lr") if self.console_log else ()
-                    self.logger.log(self.step_count, metrics, console_keys=tuple(k for k in keys if k in metrics))
+                    self.logger.log(
+                        self.step_count, metrics, console_keys=tuple(k for k in keys if k in metrics)
+                    )
                 history.append(metrics)
                 if self.step_count % cfg.checkpoint_every == 0 or done:
                     self.save()

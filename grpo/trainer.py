@@ -29,9 +29,9 @@ from grpo.advantages import group_advantages
 from grpo.checkpoint import load_checkpoint, save_checkpoint
 from grpo.generation import Generator, Rollout, SamplingConfig, decode_responses
 from grpo.losses import aggregate, kl_penalty, masked_mean, policy_loss
-from grpo.optim import IndexSampler, build_adamw, lr_lambda
+from grpo.optim import IndexSampler, build_adamw, build_scheduler
 from grpo.policy import batched_response_logprobs, response_logprobs
-from grpo.run_log import RunLogger
+from grpo.run_log import RunLogger, step_progress
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ class GRPOConfig:
     prompts_per_step: int = 8
     group_size: int = 8
     ppo_epochs: int = 1
-    mini_batch_size: int = 0  # samples per optimizer step; 0 means the whole step's batch (one update per step)
+    mini_batch_size: int = (
+        0  # samples per optimizer step; 0 means the whole step's batch (one update per step)
+    )
     micro_batch_size: int = 8  # samples per forward/backward (gradient accumulation inside a mini-batch)
     # Optimizer (A.1: lr 1e-6 for Qwen2.5-7B; small models from scratch need more, see the CLI presets)
     lr: float = 1e-6
@@ -71,9 +73,9 @@ class GRPOConfig:
     kl_coef: float = 0.001
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
-        "token-mean"
-    )
+    loss_agg: Literal[
+        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "token-mean"
     advantage_scale: Literal["group", "batch", "none"] = "group"
     advantage_eps: float = 1e-6
     # Sampling (A.1: responses up to 1024 tokens)
@@ -89,7 +91,14 @@ class GRPOConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
-        positive = ("total_steps", "prompts_per_step", "group_size", "ppo_epochs", "micro_batch_size", "max_new_tokens")
+        positive = (
+            "total_steps",
+            "prompts_per_step",
+            "group_size",
+            "ppo_epochs",
+            "micro_batch_size",
+            "max_new_tokens",
+        )
         positive += ("checkpoint_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -149,21 +158,19 @@ class GRPOTrainer:
         self.step_count = 0
         self.weight_version = 0
         self.optimizer = build_adamw(
-            model, lr=config.lr, weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2)
+            model,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            betas=(config.adam_beta1, config.adam_beta2),
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lr_lambda(
-                warmup_steps=config.warmup_steps,
-                total_steps=config.total_steps,
-                schedule=config.lr_schedule,
-                min_lr_ratio=config.min_lr_ratio,
-            ),
-        )
+        self.scheduler = build_scheduler(self.optimizer, config)
         self.logger = RunLogger(self.run_dir / "train_log.jsonl")
         self.console_log = console_log
         self.sampling = SamplingConfig(
-            temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            seed=config.seed,
         )
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -207,7 +214,10 @@ class GRPOTrainer:
             rewards = [float(r) for r in rewards]  # None or a string fails here, inside the guard
         except Exception as err:  # noqa: BLE001 - a reward failure must never kill a training run
             log.exception("reward function failed on the whole batch; this step gets zero advantages")
-            rewards, infos = [float("nan")] * len(texts), [{"penalty": f"reward_error: {type(err).__name__}"}] * len(texts)
+            rewards, infos = (
+                [float("nan")] * len(texts),
+                [{"penalty": f"reward_error: {type(err).__name__}"}] * len(texts),
+            )
         values, nonfinite = sanitize_rewards(rewards)
         return values, list(infos), nonfinite
 
@@ -229,7 +239,9 @@ class GRPOTrainer:
         t = time.perf_counter()
         metas = [p.meta for p in batch for _ in range(cfg.group_size)]
         rewards, infos, nonfinite = self._score(metas, texts)
-        advantages = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale, eps=cfg.advantage_eps)
+        advantages = group_advantages(
+            rewards, cfg.group_size, scale=cfg.advantage_scale, eps=cfg.advantage_eps
+        )
         advantages = advantages.float()
         timings["reward"] = time.perf_counter() - t
 
@@ -333,13 +345,18 @@ class GRPOTrainer:
                     )
                     if ref_logprobs is not None:
                         kl = aggregate(
-                            kl_penalty(logprobs, ref_logprobs[rows].to(device), kind=cfg.kl_kind), mask, cfg.loss_agg, max_len
+                            kl_penalty(logprobs, ref_logprobs[rows].to(device), kind=cfg.kl_kind),
+                            mask,
+                            cfg.loss_agg,
+                            max_len,
                         )
                         loss = loss + cfg.kl_coef * kl
                         sums["kl"] += kl.item()
                     if cfg.entropy_coef:
                         loss = loss - cfg.entropy_coef * aggregate(entropy, mask, cfg.loss_agg, max_len)
-                    (loss * micro_batch_weight(rollout.response_mask[rows], mini_mask, cfg.loss_agg)).backward()
+                    (
+                        loss * micro_batch_weight(rollout.response_mask[rows], mini_mask, cfg.loss_agg)
+                    ).backward()
                     sums["loss"] += loss.item()
                     sums["entropy"] += masked_mean(entropy.detach(), mask).item()
                     sums["clip_fraction"] += float(metrics["clip_fraction"])
@@ -365,18 +382,19 @@ class GRPOTrainer:
     # -- the run ---------------------------------------------------------------------------------------------
     def train(self, *, progress: bool = True) -> list[dict[str, Any]]:
         """Run until `total_steps`, checkpointing every `checkpoint_every` steps and at the end."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         cfg = self.config
         history = []
-        columns = [TextColumn("GRPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-        with Progress(*columns, disable=not progress, transient=True) as bar:
+        with step_progress("GRPO", disable=not progress) as bar:
             task = bar.add_task("grpo", total=cfg.total_steps, completed=self.step_count)
             while self.step_count < cfg.total_steps:
                 metrics = self.step()
                 history.append(metrics)
                 if self.step_count % cfg.log_every == 0 or self.step_count == cfg.total_steps:
-                    keys = ("reward_mean", "valid_fraction", "kl", "grad_norm", "time_step") if self.console_log else ()
+                    keys = (
+                        ("reward_mean", "valid_fraction", "kl", "grad_norm", "time_step")
+                        if self.console_log
+                        else ()
+                    )
                     self.logger.log(self.step_count, metrics, console_keys=keys)
                 if self.step_count % cfg.checkpoint_every == 0 or self.step_count == cfg.total_steps:
                     self.save()
