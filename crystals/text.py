@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from decimal import Decimal
 from pathlib import Path
 
@@ -220,7 +221,9 @@ def read_cif(text_or_path: str | Path) -> Structure:
     else:
         text = text_or_path
     try:
-        return Structure.from_str(text, fmt="cif")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pymatgen warns per odd CIF field; failures still raise below
+            return Structure.from_str(text, fmt="cif")
     except Exception as e:  # pymatgen raises ValueError, KeyError, IndexError... on malformed CIFs
         raise ParseError("bad_cif", str(e) or type(e).__name__) from e
 

@@ -75,7 +75,9 @@ def load_samples(path: str | Path, max_atoms: int = MAX_ATOMS) -> tuple[list[str
             raise ValueError(f"{path}: record {number} has no 'formula' (the prompt formula)")
         ids.append(str(record.get("id", number)))
         formula, text = record["formula"], record.get("text", "")
-        if record.get("cif"):
+        # The raw text is what the model wrote and is judged as written; a CIF is read only when there is no
+        # text (CIF cannot hold overlapping sites, so re-reading one would turn an overlap into a parse error).
+        if record.get("cif") and not text:
             try:
                 cif = record["cif"]
                 structure = read_cif(cif if "\n" in cif else cif + "\n")  # text, never a file name
