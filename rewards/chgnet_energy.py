@@ -49,6 +49,9 @@ class CHGNetPotential:
         self.name = f"chgnet-{model_name}"
 
     def prepare(self, structure: Structure) -> Any:
+        # The model is shared in-process (load_chgnet), and CHGNet's ASE calculator switches its converter to
+        # "warn" on isolated atoms; the reward needs them to fail (free-atom energies are an RL exploit).
+        self.model.graph_converter.set_isolated_atom_response("error")
         return self.model.graph_converter(structure)
 
     def predict(self, graphs: Sequence[Any]) -> list[float]:
