@@ -40,6 +40,7 @@ class SFTConfig:
     checkpoint_every: int = 200
     keep_last: int = 2
     log_every: int = 10
+    tensorboard: bool = False  # also write scalars to RUN/tensorboard (needs `pip install tensorboard`)
     seed: int = 0
 
 
@@ -126,7 +127,9 @@ class SFTTrainer:
         self.sampler = IndexSampler(len(self.train_items), config.seed)
         self.optimizer = build_adamw(model, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config)
-        self.logger = RunLogger(self.run_dir / "sft_log.jsonl")
+        self.logger = RunLogger(
+            self.run_dir / "sft_log.jsonl", tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard else None
+        )
         self.console_log = console_log
         self.step_count = 0
 

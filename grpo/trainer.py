@@ -89,6 +89,7 @@ class GRPOConfig:
     checkpoint_every: int = 50
     keep_last: int = 2
     log_every: int = 1
+    tensorboard: bool = False  # also write scalars to RUN/tensorboard (needs `pip install tensorboard`)
 
     def __post_init__(self) -> None:
         positive = (
@@ -164,7 +165,9 @@ class GRPOTrainer:
             betas=(config.adam_beta1, config.adam_beta2),
         )
         self.scheduler = build_scheduler(self.optimizer, config)
-        self.logger = RunLogger(self.run_dir / "train_log.jsonl")
+        self.logger = RunLogger(
+            self.run_dir / "train_log.jsonl", tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard else None
+        )
         self.console_log = console_log
         self.sampling = SamplingConfig(
             temperature=config.temperature,

@@ -121,3 +121,29 @@ def test_reward_scores_jsonl_with_penalties(tmp_path, rocksalt):
     assert len(lines) == 3
     assert "-0.1000" in lines[1]
     assert "species" in lines[2]
+
+
+def test_train_switches_to_ehull_with_one_option(tmp_path, monkeypatch):
+    """A real (tiny) GRPO run from the CLI with `--reward ehull`: one step logged, E_hull recorded as the reward."""
+    monkeypatch.delenv("CRYSTAL_GRPO_DATA", raising=False)
+    out = tmp_path / "run"
+    overrides = [
+        "run.train_limit=40",
+        "run.tokenizer_vocab_size=600",
+        "grpo.total_steps=1",
+        "grpo.prompts_per_step=1",
+        "grpo.group_size=2",
+        "grpo.max_new_tokens=8",
+        "grpo.kl_coef=0",
+    ]
+    args = ["train", "--out", str(out), "--model", "tiny", "--reward", "ehull"]
+    for item in overrides:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert 'name = "ehull"' in (out / "config.toml").read_text()
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]
+    # 8 new tokens of an untrained model never make a crystal: every sample gets E_hull's clipped penalty (-1)
+    assert records[0]["reward_mean"] == pytest.approx(-1.0)
+    assert (out / "final_model" / "model.safetensors").is_file()
