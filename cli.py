@@ -237,6 +237,8 @@ def train_and_save(trainer, checkpoint: Path | None, out: Path, label: str, prog
     if checkpoint is not None:
         trainer.restore(checkpoint)
         console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
+    else:
+        trainer.logger.truncate_after(0)  # a fresh start: records of an abandoned earlier run must not mix in
     trainer.train(progress=progress)
     final = save_model(trainer.model, trainer.tokenizer, out / "final_model")
     console.print(f"{label} done: {trainer.step_count} steps; model saved to {final}")
