@@ -147,3 +147,40 @@ def test_train_switches_to_ehull_with_one_option(tmp_path, monkeypatch):
     # 8 new tokens of an untrained model never make a crystal: every sample gets E_hull's clipped penalty (-1)
     assert records[0]["reward_mean"] == pytest.approx(-1.0)
     assert (out / "final_model" / "model.safetensors").is_file()
+
+
+def test_evaluate_writes_tables_and_metrics(tmp_path, monkeypatch):
+    """`evaluate` on known crystals (packaged demo test structures, written as the model would write them)."""
+    from crystals.data import iter_split
+
+    monkeypatch.delenv("CRYSTAL_GRPO_DATA", raising=False)
+    records = [r for r in iter_split("test", None, limit=40) if len(r.structure) <= 6][:3]
+    samples = tmp_path / "samples.jsonl"
+    rows = [
+        {"id": r.material_id, "formula": r.formula, "text": format_structure(r.structure)} for r in records
+    ]
+    rows.append({"id": "junk", "formula": "NaCl", "text": "not a crystal"})
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "report"
+    args = [
+        "evaluate",
+        str(samples),
+        "--out",
+        str(out),
+        "--train-limit",
+        "10",
+        "--workers",
+        "0",
+        "--max-steps",
+        "30",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("metrics.json", "table1.md", "table2.md"):
+        assert (out / name).is_file()
+    run = json.loads((out / "metrics.json").read_text())["runs"]["samples"]
+    assert run["parse_rate"] == pytest.approx(3 / 4)
+    assert run["table1"]["n_relaxed"] == 3
+    assert 0.0 <= run["table1"]["metastable_rate"] <= 1.0
+    missing = runner.invoke(app, ["evaluate", str(tmp_path / "none.jsonl"), "--out", str(out)])
+    assert missing.exit_code == 1 and "not found" in missing.output
