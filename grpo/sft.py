@@ -128,7 +128,8 @@ class SFTTrainer:
         self.optimizer = build_adamw(model, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.logger = RunLogger(
-            self.run_dir / "sft_log.jsonl", tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard else None
+            self.run_dir / "sft_log.jsonl",
+            tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard else None,
         )
         self.console_log = console_log
         self.step_count = 0

@@ -142,7 +142,6 @@ class GRPOTrainer:
         config: GRPOConfig,
         run_dir: str | Path,
         ref_model=None,
-        extra_state: dict[str, Any] | None = None,
         console_log: bool = True,
     ):
         if config.kl_coef > 0 and ref_model is None:
@@ -154,7 +153,6 @@ class GRPOTrainer:
         self.ref_model = ref_model if config.kl_coef > 0 else None
         self.prompts, self.reward_fn, self.config = list(prompts), reward_fn, config
         self.run_dir = Path(run_dir)
-        self.extra_state = extra_state or {}
         self.sampler = IndexSampler(len(self.prompts), config.seed)
         self.step_count = 0
         self.weight_version = 0
@@ -166,7 +164,8 @@ class GRPOTrainer:
         )
         self.scheduler = build_scheduler(self.optimizer, config)
         self.logger = RunLogger(
-            self.run_dir / "train_log.jsonl", tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard else None
+            self.run_dir / "train_log.jsonl",
+            tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard else None,
         )
         self.console_log = console_log
         self.sampling = SamplingConfig(
@@ -182,7 +181,6 @@ class GRPOTrainer:
             "sampler": self.sampler.state(),
             "weight_version": self.weight_version,
             "config": asdict(self.config),
-            **self.extra_state,
         }
 
     def save(self) -> Path:
