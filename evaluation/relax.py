@@ -177,7 +177,7 @@ RELAXERS: dict[str, Relaxer] = {
         chgnet_calculator, "mp2020_corrected", "CHGNet 0.3.0 (default; weights ship with chgnet)"
     ),
     "sevenn": Relaxer(
-        sevenn_calculator, "mp2020_corrected", "SevenNet-0, an independent MPtrj potential (extra: sevenn)"
+        sevenn_calculator, "mp_uncorrected", "SevenNet-0, an independent MPtrj potential (extra: sevenn)"
     ),
     "uma": Relaxer(uma_calculator, "other", "UMA (paper's relaxer) from a local checkpoint (extra: uma)"),
 }

@@ -7,8 +7,9 @@ isolation as ``CHGNetEnergyReward``; ``EHullReward(potential=ASEPotential(...))`
 
 Ready-made calculators (imported lazily; a clear ImportError names the extra to install):
 
-- ``sevenn_calculator(model="7net-0")``: SevenNet (``pip install 'crystal-grpo[sevenn]'``); 7net-0 is
-  trained on MPtrj like CHGNet, so its energies are on the MP2020-corrected scale.
+- ``sevenn_calculator(model="7net-0")``: SevenNet (``pip install 'crystal-grpo[sevenn]'``). 7net-0 is
+  trained on MPtrj like CHGNet, but on its raw GGA/GGA+U energies: MP2020 corrections must be added
+  before E_hull (``energy_scale="mp_uncorrected"``; measured, see tests/test_evaluation.py).
 - ``uma_calculator(checkpoint, task_name="omat")``: UMA from a local checkpoint file via fairchem
   (``pip install 'crystal-grpo[uma]'``). OMat24/UMA energies are on their own DFT scale (other
   pseudopotentials, no MP corrections): fairchem warns against MP2020 corrections and MP references with
@@ -109,7 +110,7 @@ class ASECalculatorReward(EnergyReward):
 
 
 class SevenNetEnergyReward(ASECalculatorReward):
-    """reward = -SevenNet energy per atom (eV/atom); 7net-0 is on the MP2020-corrected (MPtrj) scale."""
+    """reward = -SevenNet energy per atom (eV/atom); 7net-0 predicts raw MP energies (no MP2020 corrections)."""
 
     def __init__(
         self,
@@ -123,7 +124,7 @@ class SevenNetEnergyReward(ASECalculatorReward):
     ):
         calculator = sevenn_calculator(model, device)
         super().__init__(
-            calculator, "sevenn-etot", "mp2020_corrected", per_cell, penalties, guard, cache_size, relax_steps
+            calculator, "sevenn-etot", "mp_uncorrected", per_cell, penalties, guard, cache_size, relax_steps
         )
 
 
