@@ -180,7 +180,10 @@ def initial_model_source(
         builder = prompt_builder(run, [t for _, t in pairs])
         corpus = [t for _, t in pairs] + [builder.build(f).user_text for f, _ in pairs[:500]]
         tokenizer = train_bpe_tokenizer(
-            corpus, vocab_size=run.tokenizer_vocab_size, split_digits=run.tokenizer_split_digits
+            corpus,
+            vocab_size=run.tokenizer_vocab_size,
+            split_digits=run.tokenizer_split_digits,
+            phrases=builder.fixed_phrases(),
         )
         save_model(build_small_model(run.model, tokenizer, seed=run.seed), tokenizer, initial)
     return str(initial)

@@ -58,6 +58,14 @@ def text_formula(text: str) -> str:
     return Composition(symbols, strict=True).reduced_formula
 
 
+def flat_formula(composition: Composition) -> str:
+    """A formula without brackets or spaces, amounts of 1 left out: "Rb(CoP)2" -> "RbCo2P2". Every element
+    symbol appears once, as in the structure text the model writes."""
+    return "".join(
+        f"{element}{'' if amount == 1 else f'{amount:g}'}" for element, amount in composition.items()
+    )
+
+
 def generation_prompt(formula: str, examples: Sequence[str]) -> str:
     """The exact A.4 user text for ``formula`` with numbered example structures."""
     if not examples:
@@ -132,6 +140,14 @@ class PromptBuilder:
                 picked.append(i)
         return [self.train_texts[i] for i in picked]
 
+    def fixed_phrases(self) -> list[str]:
+        """The stretches of the user text that are the same in every prompt this builder makes (everything but
+        the formula and, with training examples, the examples). A tokenizer trained for this task can make
+        each one a single token (``grpo.models.train_bpe_tokenizer(phrases=...)``)."""
+        hole = "\x00"  # stands in for the parts that vary; never part of the template
+        examples = PAPER_EXAMPLES if self.examples == "paper" else [hole] * N_EXAMPLES
+        return [piece for piece in generation_prompt(hole, examples).split(hole) if piece]
+
     def build(self, formula: str) -> CrystalPrompt:
         formula = formula.strip()
         composition = parse_formula(formula)
@@ -139,6 +155,6 @@ class PromptBuilder:
             examples = list(PAPER_EXAMPLES)
         else:
             examples = self._draw_examples(composition.reduced_formula)
-        text = generation_prompt(formula, examples)
+        text = generation_prompt(flat_formula(composition), examples)
         elements = frozenset(el.symbol for el in composition.elements)
         return CrystalPrompt(formula=formula, elements=elements, messages=[{"role": "user", "content": text}])

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -60,14 +60,16 @@ DEFAULT_CHAT_TEMPLATE = (
 # Pre-tokenisation (applied before byte-level BPE; BPE merges never cross these pieces):
 #   ` ?\p{N}`               one digit, taking at most one leading space: numbers are spelled digit by digit,
 #                           so "0.25" and "0.52" share tokens and the model sees every digit's place
-#   ` ?\p{L}+`              a word or element symbol with its leading space (" Li", " Fe", " structure")
+#   ` ?\p{Lu}\p{Ll}*`       a capitalised piece with its leading space: "LiFePO4" splits into Li Fe P O 4,
+#                           so a formula and the element symbols of a structure share tokens
+#   ` ?[\p{L}&&\P{Lu}]+`   any other run of letters with its leading space (" structure")
 #   ` ?[^\s\p{L}\p{N}]+`    a run of punctuation with its leading space
 #   `\s+(?!\S)|\s+`         other whitespace; the last space before a word is left to the word
 # Every character lands in some piece, and the byte-level decoder inverts the byte mapping, so
 # decode(encode(text)) == text for any string (multiple spaces, newlines and all).
 _DIGIT_PIECE = r" ?\p{N}"
 _NUMBER_PIECE = r" ?\p{N}+(?:\.\p{N}+)?"  # whole decimal number, used when split_digits=False
-_REST_PIECES = r" ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_REST_PIECES = r" ?\p{Lu}\p{Ll}*| ?[\p{L}&&\P{Lu}]+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
 def _pre_tokenizer(split_digits: bool) -> pre_tokenizers.PreTokenizer:
@@ -89,6 +91,7 @@ def train_bpe_tokenizer(
     special_tokens: Sequence[str] = CHATML_SPECIAL_TOKENS,
     split_digits: bool = True,
     min_frequency: int = 2,
+    phrases: Sequence[str] = (),
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``corpus`` (the texts the model will read and write: rendered
     prompts and responses).
@@ -98,6 +101,10 @@ def train_bpe_tokenizer(
     ``vocab_size - 256 - len(special_tokens)`` merges. ``split_digits=True`` spells numbers digit by digit
     (the Qwen convention); ``False`` lets BPE merge whole numbers such as " 0.25" when the vocabulary is large
     enough to hold them, which shortens sequences at the cost of opaque number tokens.
+
+    ``phrases`` are fixed strings that become one token each wherever they occur (e.g. the constant sentences
+    of a prompt template): a model trained from scratch learns nothing from reading them word by word, and
+    every token it does not read is compute saved. Decoding still gives the exact text back.
 
     eos = ``<|im_end|>`` (end of a chat turn), pad = ``<|endoftext|>``, no bos (as Qwen2.5).
     """
@@ -120,6 +127,8 @@ def train_bpe_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
+    # Added after training so BPE merges are learnt on the remaining text; normalized=False: matched verbatim.
+    tokenizer.add_tokens([AddedToken(p, normalized=False) for p in dict.fromkeys(phrases) if p])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=EOS_TOKEN,

@@ -102,6 +102,27 @@ def test_whole_numbers_merge_without_digit_splitting():
     assert len(pieces) < len(train_bpe_tokenizer(corpus, vocab_size=2048).encode(PAPER_EXAMPLE))
 
 
+def test_formulas_split_into_element_symbols(tokenizer):
+    # The formula in a prompt and the element symbols of a structure share tokens ("Fe" in both).
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("LiFePO4 and Fe 0.5"))
+    assert pieces[:5] == ["Li", "Fe", "P", "O", "4"]
+    assert "Fe" in pieces[5:] or "ĠFe" in pieces[5:]
+
+
+def test_phrases_become_single_tokens_and_round_trip():
+    head = "You are a chemist. Write the structure of "
+    tail = ".\nExample:\n10.3 6.0 4.7 90 90 90 Li 0.25 0.50 0.75"
+    tok = train_bpe_tokenizer(synthetic_corpus(200), phrases=[head, tail, head])
+    plain = train_bpe_tokenizer(synthetic_corpus(200))
+    assert len(tok) == len(plain) + 2  # duplicates added once
+    text = f"{head}NaCl{tail}"
+    ids = tok.encode(text)
+    assert ids[0] == tok.convert_tokens_to_ids(head) and ids[-1] == tok.convert_tokens_to_ids(tail)
+    assert len(ids) == 2 + len(tok.encode("NaCl"))
+    assert tok.decode(ids) == text
+    assert len(plain.encode(text)) > 10 * len(ids) // 2
+
+
 def test_special_tokens_eos_pad_and_left_padding(tokenizer):
     assert tokenizer.eos_token == EOS_TOKEN == "<|im_end|>"
     assert tokenizer.pad_token == PAD_TOKEN == "<|endoftext|>"

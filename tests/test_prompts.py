@@ -43,13 +43,34 @@ def test_reference_text_is_the_papers():
     assert A4_RAW in " ".join(PAPER.read_text().split())
 
 
-@pytest.mark.parametrize("formula", ["NaCl", "Nd(Al2Cu)4", "CoPtO3"])
-def test_paper_prompt_is_exactly_a4(formula):
+@pytest.mark.parametrize(
+    "formula, shown",
+    [("NaCl", "NaCl"), ("Nd(Al2Cu)4", "NdAl8Cu4"), ("CoPtO3", "CoPtO3"), ("Li0.5CoO2", "Li0.5CoO2")],
+)
+def test_paper_prompt_is_exactly_a4(formula, shown):
     prompt = PromptBuilder().build(formula)
-    assert prompt.user_text == a4_text(formula)
-    assert prompt.user_text == generation_prompt(formula, PAPER_EXAMPLES)
-    assert prompt.messages == [{"role": "user", "content": a4_text(formula)}]
+    # The formula is shown flat (no brackets), so each element symbol appears once as the model will write it.
+    assert prompt.user_text == a4_text(shown)
+    assert prompt.user_text == generation_prompt(shown, PAPER_EXAMPLES)
+    assert prompt.messages == [{"role": "user", "content": a4_text(shown)}]
     assert prompt.formula == formula
+
+
+@pytest.mark.parametrize("examples", ["paper", "train"])
+def test_fixed_phrases_are_everything_but_the_formula_and_examples(examples):
+    train = [make_text(["Na", "Cl"]), make_text(["Fe", "O", "O"]), make_text(["Mg", "O"])]
+    builder = PromptBuilder(examples=examples, train_texts=train if examples == "train" else ())
+    phrases = builder.fixed_phrases()
+    assert len(phrases) == (2 if examples == "paper" else 4)
+    for formula in ("NaCl", "Nd(Al2Cu)4"):
+        text = builder.build(formula).user_text
+        rest = text
+        for phrase in phrases:  # in order, non-overlapping
+            assert phrase in rest
+            rest = rest.split(phrase, 1)[1]
+        assert sum(map(len, phrases)) < len(text)
+    paper_text = PromptBuilder().build("NaCl").user_text
+    assert paper_text == phrases[0] + "NaCl" + phrases[1] if examples == "paper" else True
 
 
 def test_prompt_knows_its_elements():
