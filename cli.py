@@ -234,17 +234,20 @@ def latest_to_resume(out: Path, resume: bool):
 # sft / train / sample
 # --------------------------------------------------------------------------------------------------------------
 def train_and_save(trainer, checkpoint: Path | None, out: Path, label: str, progress: bool) -> Path:
-    """Resume the trainer from `checkpoint` (if any), train to the end, save RUN/final_model."""
-    from grpo.models import save_model
+    """Resume the trainer from `checkpoint` (if any), train to the end, save RUN/final_model. In a sharded run
+    every rank calls this (the final save gathers the shards); rank 0 alone prints and writes."""
+    from grpo.distributed import is_main, save_pretrained_full
 
     if checkpoint is not None:
         trainer.restore(checkpoint)
-        console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
-    else:
+        if is_main():
+            console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
+    elif is_main():
         trainer.logger.truncate_after(0)  # a fresh start: records of an abandoned earlier run must not mix in
     trainer.train(progress=progress)
-    final = save_model(trainer.model, trainer.tokenizer, out / "final_model")
-    console.print(f"{label} done: {trainer.step_count} steps; model saved to {final}")
+    final = save_pretrained_full(trainer.model, trainer.tokenizer, out / "final_model")
+    if is_main():
+        console.print(f"{label} done: {trainer.step_count} steps; model saved to {final}")
     return final
 
 
@@ -338,13 +341,21 @@ def crystal_prompt_items(run: RunConfig, formulas: list[str], tokenizer) -> list
 def run_grpo(
     run: RunConfig, grpo_config, reward_fn, out: Path, *, resume: bool = True, progress: bool = True
 ) -> Path:
-    """GRPO into run directory `out` on the training split's formulas; returns the final model's path."""
+    """GRPO into run directory `out` on the training split's formulas; returns the final model's path.
+
+    Under `torchrun --nproc-per-node N` every process runs this: the policy and the reference model are
+    sharded with FSDP2 (grpo.distributed) and each rank samples its share of the step's prompts."""
     from crystals.data import split_formulas
+    from grpo.distributed import barrier, init_distributed, is_main, setup_sharded
     from grpo.generation import HFGenerator
     from grpo.models import load_model_and_tokenizer
     from grpo.trainer import GRPOTrainer
 
+    sharded = init_distributed()
     checkpoint = latest_to_resume(out, resume)
+    if is_main():  # builds RUN/initial_model once for a size name; the other ranks then read it
+        initial_model_source(run, out)
+    barrier()
     source = initial_model_source(run, out)
     policy, tokenizer = load_policy(run, source, checkpoint)
     formulas = split_formulas("train", run.data_dir, seed=run.seed, limit=run.train_limit)
@@ -352,6 +363,8 @@ def run_grpo(
     if grpo_config.kl_coef > 0:  # the frozen starting model, for the KL term
         ref_model, _ = load_model_and_tokenizer(source, dtype=run.dtype)
         ref_model.requires_grad_(False)
+    if sharded:
+        setup_sharded(policy, ref_model)
     trainer = GRPOTrainer(
         model=policy,
         tokenizer=tokenizer,
@@ -381,8 +394,11 @@ def train(
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")] = True,
 ) -> None:
-    """GRPO on prompts for the training split's formulas, rewarded by a crystal reward."""
+    """GRPO on prompts for the training split's formulas, rewarded by a crystal reward.
+
+    Sharded on N processes: `torchrun --nproc-per-node N $(which crystal-grpo) train ...` (gloo on CPU)."""
     from crystals.data import DataError
+    from grpo.distributed import init_distributed, is_main, shutdown
     from grpo.trainer import GRPOConfig
 
     check_run_dir(out)
@@ -392,11 +408,18 @@ def train(
     apply_cli_overrides(configs["run"], model=model, data_dir=data_dir)
     apply_cli_overrides(configs["reward"], name=reward)
     reward_fn = build_reward_fn(configs["reward"], configs["run"].data_dir)
-    save_resolved_config(out, configs)
+    try:
+        init_distributed()
+    except RuntimeError as err:  # accelerate launch with FSDP on CPU
+        raise fail(str(err)) from None
+    if is_main():
+        save_resolved_config(out, configs)
     try:
         run_grpo(configs["run"], configs["grpo"], reward_fn, out, resume=resume)
     except DataError as err:
         raise fail(str(err)) from None
+    finally:
+        shutdown()
 
 
 def generate_samples(

@@ -2,6 +2,9 @@
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a run killed mid-write leaves
 either the previous checkpoint or the new one, never half of one. Only the newest `keep_last` are kept.
+
+An FSDP-sharded run (grpo.distributed) writes the same files: every rank takes part in gathering the full model and
+optimizer state to rank 0, which alone writes. So a sharded run's checkpoint loads in a single process and back.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from grpo.distributed import (
+    full_model_state,
+    is_main,
+    is_sharded,
+    load_optimizer_state,
+    optimizer_state,
+)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 
@@ -76,19 +87,28 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint `step-{step}` atomically and prune older ones. `state` must be JSON-serialisable."""
+    """Write checkpoint `step-{step}` atomically and prune older ones. `state` must be JSON-serialisable.
+    Sharded model: collective (every rank calls it, rank 0 writes); every rank gets the path back."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
+    sharded = is_sharded(model)
+    model_state = full_model_state(model) if sharded else None
+    optim_state = optimizer_state(model, optimizer) if optimizer is not None else None
+    if not is_main():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     # Leftovers of writers killed mid-save hold up to a full checkpoint each: clear them first.
     for leftover in root.glob(".tmp-step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    if sharded:
+        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)
+    else:
+        model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optim_state is not None:
+        torch.save(optim_state, tmp / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
@@ -103,13 +123,18 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, *, optimizer=None, scheduler=None, restore_rng: bool = True
+    path: Path, *, optimizer=None, scheduler=None, restore_rng: bool = True, model=None
 ) -> LoadedCheckpoint:
-    """Restore optimizer, scheduler and RNG state in place; the model is loaded by the caller from `path / "model"`."""
+    """Restore optimizer, scheduler and RNG state in place; the model is loaded by the caller from `path / "model"`.
+    An optimizer of a sharded model needs that `model` (collective: rank 0 reads the file and broadcasts)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     if optimizer is not None and (path / "optimizer.pt").exists():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        if model is not None and is_sharded(model):
+            full = torch.load(path / "optimizer.pt", weights_only=False) if is_main() else {}
+            load_optimizer_state(model, optimizer, full)
+        else:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     if scheduler is not None and (path / "scheduler.pt").exists():
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if restore_rng:

@@ -62,11 +62,23 @@ def response_mask_from_eos(
 class HFGenerator:
     """Batched sampling with a transformers causal LM: KV cache, left padding, nucleus sampling, stop at EOS."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 64, max_prompt_tokens: int = 1024):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 64,
+        max_prompt_tokens: int = 1024,
+        synced_gpus: bool = False,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
+        # An FSDP-sharded model all-gathers its weights in every forward, so every rank must run the same number
+        # of decoding steps: a rank whose samples all ended keeps stepping until every rank is done. The trainer
+        # switches this on when it runs on several ranks (each rank must also make the same number of calls).
+        self.synced_gpus = synced_gpus
         self.weight_version = 0
         eos = tokenizer.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
@@ -115,6 +127,7 @@ class HFGenerator:
                         eos_token_id=self.eos_token_ids,
                         pad_token_id=tokenizer.pad_token_id,
                         use_cache=True,
+                        synced_gpus=self.synced_gpus,
                     )
                     chunks.append(out[:, ids.shape[1] :].cpu())
         finally:

@@ -93,12 +93,15 @@ def policy_loss(
     clip_high: float = 0.2,
     agg: AggMode = "token-mean",
     max_len: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate (paper eq. 1) with asymmetric clipping (clip-higher when clip_high > clip_low):
 
         r_t    = exp(clamp(logp_t - old_logp_t, -20, 20))
-        loss_t = -min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A)
+        loss_t = -w_t min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A)
         loss   = aggregate(loss_t, mask, agg, max_len)
+
+    w_t = ``token_weights`` [B, T] (constants, e.g. ``truncated_importance_weights``), 1 when None.
 
     ``advantages`` is one value per sequence [B] (broadcast over its tokens) or per token [B, T]. logprobs is
     [B, T] and carries the gradient; old_logprobs and advantages are treated as constants by the caller.
@@ -131,7 +134,10 @@ def policy_loss(
     adv = torch.where(valid, advantages.to(dtype), 0.0)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate(torch.maximum(unclipped, clipped), valid, agg, max_len)
+    per_token = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * torch.where(valid, token_weights.to(dtype), 1.0)
+    loss = aggregate(per_token, valid, agg, max_len)
 
     with torch.no_grad():
         metrics = {
@@ -142,6 +148,25 @@ def policy_loss(
             "ratio_max": torch.where(valid, ratio, 0.0).amax(),
         }
     return loss, metrics
+
+
+def truncated_importance_weights(
+    trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance sampling (TIS, Yao et al. 2025) for rollouts drawn by another engine (vLLM) whose
+    numerics differ from the trainer's: per token
+
+        w_t = min(exp(clamp(logp_trainer_t - logp_sampler_t, -20, 20)), cap)
+
+    the trainer's probability of the sampled token (under the weights that sampled it) over the sampler's,
+    capped so a token the sampler rated far too low cannot blow up the gradient. A constant (no gradient) that
+    multiplies the per-token policy loss (``policy_loss(token_weights=...)``); float32 at least.
+    """
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    dtype = torch.promote_types(trainer_logprobs.dtype, torch.float32)
+    diff = trainer_logprobs.detach().to(dtype) - sampler_logprobs.detach().to(dtype)
+    return torch.exp(diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=cap)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLKind = "k3") -> torch.Tensor:

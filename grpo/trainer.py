@@ -11,6 +11,10 @@ One step:
 
 The trainer knows nothing of crystals: prompts are texts with metadata, the reward is any
 `(metas, completions) -> (rewards, infos)` callable.
+
+Under torchrun with an FSDP-sharded policy (grpo.distributed.setup_sharded) each rank generates and scores its own
+share of the step's prompts, and the step's update equals the single-process one on the whole batch (see
+grpo/distributed.py for how); metrics are reduced over ranks, and rank 0 alone writes logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -24,11 +28,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from grpo.advantages import group_advantages
 from grpo.checkpoint import load_checkpoint, save_checkpoint
+from grpo.distributed import (
+    gather_objects,
+    gather_rows,
+    is_main,
+    is_sharded,
+    rank,
+    reduce_metrics,
+    sum_over_ranks,
+    world_size,
+)
 from grpo.generation import Generator, Rollout, SamplingConfig, decode_responses
-from grpo.losses import aggregate, kl_penalty, masked_mean, policy_loss
+from grpo.losses import aggregate, kl_penalty, masked_mean, policy_loss, truncated_importance_weights
 from grpo.optim import IndexSampler, build_adamw, build_scheduler
 from grpo.policy import batched_response_logprobs, response_logprobs
 from grpo.run_log import RunLogger, step_progress
@@ -84,6 +99,9 @@ class GRPOConfig:
     max_new_tokens: int = 1024
     # Rollouts older than this many weight updates are refused (0: strictly on-policy)
     max_weight_lag: int = 0
+    # Truncated importance sampling: when the generator returns its own log-probs (vLLM), weight each token's
+    # policy loss by min(p_trainer / p_sampler, tis_cap) to correct for the engines' numeric mismatch; 0: off
+    tis_cap: float = 0.0
     # Bookkeeping
     seed: int = 0
     checkpoint_every: int = 50
@@ -108,6 +126,8 @@ class GRPOConfig:
             raise ValueError("GRPOConfig.mini_batch_size must be >= 0 (0: the whole step's batch)")
         if not 0 <= self.clip_low < 1 or self.clip_high < 0:
             raise ValueError("clip_low must be in [0, 1) and clip_high >= 0")
+        if self.tis_cap < 0:
+            raise ValueError(f"GRPOConfig.tis_cap must be >= 0 (0: off), got {self.tis_cap}")
 
 
 def sanitize_rewards(rewards: Sequence[float]) -> tuple[torch.Tensor, int]:
@@ -120,14 +140,17 @@ def sanitize_rewards(rewards: Sequence[float]) -> tuple[torch.Tensor, int]:
     return values, int(bad.sum())
 
 
-def micro_batch_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, agg: str) -> float:
-    """Share of a mini-batch's loss carried by one micro-batch, so accumulated gradients equal the full batch's.
-
-    token-mean normalises by valid tokens; the sequence modes by non-empty sequences (as `aggregate` does).
-    """
+def loss_normaliser(mask: torch.Tensor, agg: str) -> float:
+    """What `aggregate` divides by: valid tokens (token-mean) or non-empty sequences (the sequence modes)."""
     if agg == "token-mean":
-        return float(micro_mask.sum()) / max(1.0, float(mini_mask.sum()))
-    return float((micro_mask.sum(1) > 0).sum()) / max(1.0, float((mini_mask.sum(1) > 0).sum()))
+        return float(mask.sum())
+    return float((mask.sum(1) > 0).sum())
+
+
+def micro_batch_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, agg: str) -> float:
+    """Share of a mini-batch's loss carried by one micro-batch, so accumulated gradients equal the full batch's:
+    loss_normaliser(micro) / loss_normaliser(mini)."""
+    return loss_normaliser(micro_mask, agg) / max(1.0, loss_normaliser(mini_mask, agg))
 
 
 class GRPOTrainer:
@@ -153,6 +176,19 @@ class GRPOTrainer:
         self.ref_model = ref_model if config.kl_coef > 0 else None
         self.prompts, self.reward_fn, self.config = list(prompts), reward_fn, config
         self.run_dir = Path(run_dir)
+        self.rank, self.world = rank(), world_size()
+        if self.world > 1:
+            if not is_sharded(model):
+                raise ValueError(
+                    "a multi-process run trains a sharded policy: call grpo.distributed.setup_sharded"
+                )
+            if config.prompts_per_step % self.world or config.mini_batch_size % self.world:
+                raise ValueError(
+                    f"prompts_per_step ({config.prompts_per_step}) and mini_batch_size ({config.mini_batch_size}) "
+                    f"must be multiples of the number of ranks ({self.world})"
+                )
+            if hasattr(generator, "synced_gpus"):
+                generator.synced_gpus = True  # sharded generate: ranks step together (see HFGenerator)
         self.sampler = IndexSampler(len(self.prompts), config.seed)
         self.step_count = 0
         self.weight_version = 0
@@ -165,7 +201,7 @@ class GRPOTrainer:
         self.scheduler = build_scheduler(self.optimizer, config)
         self.logger = RunLogger(
             self.run_dir / "train_log.jsonl",
-            tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard else None,
+            tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard and is_main() else None,
         )
         self.console_log = console_log
         self.sampling = SamplingConfig(
@@ -197,17 +233,20 @@ class GRPOTrainer:
 
     def restore(self, checkpoint_path: str | Path) -> None:
         """Continue from a checkpoint whose model weights are already loaded into `self.model`."""
-        loaded = load_checkpoint(Path(checkpoint_path), optimizer=self.optimizer, scheduler=self.scheduler)
+        loaded = load_checkpoint(
+            Path(checkpoint_path), optimizer=self.optimizer, scheduler=self.scheduler, model=self.model
+        )
         self.step_count = loaded.step
         self.weight_version = loaded.state["weight_version"]
         self.generator.weight_version = self.weight_version
         self.sampler.load_state(loaded.state["sampler"])
-        self.logger.truncate_after(self.step_count)
+        if is_main():
+            self.logger.truncate_after(self.step_count)
 
     # -- one step --------------------------------------------------------------------------------------------
-    def _score(self, metas: list[dict], texts: list[str]) -> tuple[torch.Tensor, list[dict], int]:
-        """Rewards for every sample; a reward callable that raises (or returns something that is not one number
-        per sample) costs this step its signal, not the run."""
+    def _score(self, metas: list[dict], texts: list[str]) -> tuple[list[float], list[dict]]:
+        """Rewards for every sample (NaN where none); a reward callable that raises (or returns something that
+        is not one number per sample) costs this step its signal, not the run."""
         try:
             rewards, infos = self.reward_fn(metas, texts)
             if len(rewards) != len(texts):
@@ -219,17 +258,19 @@ class GRPOTrainer:
                 [float("nan")] * len(texts),
                 [{"penalty": f"reward_error: {type(err).__name__}"}] * len(texts),
             )
-        values, nonfinite = sanitize_rewards(rewards)
-        return values, list(infos), nonfinite
+        return rewards, list(infos)
 
     def step(self) -> dict[str, Any]:
         cfg = self.config
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
 
-        indices = self.sampler.take(cfg.prompts_per_step)
+        # Every rank draws the same indices and takes its own contiguous share, so groups never span ranks.
+        share = cfg.prompts_per_step // self.world
+        indices = self.sampler.take(cfg.prompts_per_step)[self.rank * share : (self.rank + 1) * share]
         batch = [self.prompts[i] for i in indices]
-        self.sampling.seed = cfg.seed * 1_000_003 + self.step_count  # fresh, reproducible samples each step
+        # fresh, reproducible samples each step and another stream on each rank (one rank: the plain seed)
+        self.sampling.seed = (cfg.seed * 1_000_003 + self.step_count) * self.world + self.rank
         rollout: Rollout = self.generator.generate([p.text for p in batch], cfg.group_size, self.sampling)
         lag = self.weight_version - rollout.weight_version
         if lag > cfg.max_weight_lag:
@@ -239,14 +280,19 @@ class GRPOTrainer:
 
         t = time.perf_counter()
         metas = [p.meta for p in batch for _ in range(cfg.group_size)]
-        rewards, infos, nonfinite = self._score(metas, texts)
+        local_rewards, infos = self._score(metas, texts)
+        # The whole batch's rewards (rank order = prompt order), so advantages, the batch std included, and the
+        # reward metrics are those of a single process; each rank keeps the advantages of its own rows.
+        all_rewards = gather_rows(torch.tensor(local_rewards, dtype=torch.float64))
+        rewards, nonfinite = sanitize_rewards(all_rewards.tolist())
         advantages = group_advantages(
             rewards, cfg.group_size, scale=cfg.advantage_scale, eps=cfg.advantage_eps
         )
-        advantages = advantages.float()
+        local_samples = rollout.num_samples
+        advantages = advantages[self.rank * local_samples : (self.rank + 1) * local_samples].float()
         timings["reward"] = time.perf_counter() - t
 
-        num_samples = rollout.num_samples
+        num_samples = local_samples * self.world
         mini_batch_size = cfg.mini_batch_size or num_samples
         # One epoch over one mini-batch is exactly on-policy: the old log-probs equal the current ones at the
         # start of the update, so take them (detached) from the update's own forward pass and skip a pass.
@@ -266,7 +312,14 @@ class GRPOTrainer:
 
         t = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses (_update steps the scheduler)
-        update_metrics = self._update(rollout, advantages, old_logprobs, ref_logprobs, mini_batch_size)
+        # each rank's part of a mini-batch is an equal share of its rows
+        local_mini = mini_batch_size // self.world
+        update_metrics = self._update(rollout, advantages, old_logprobs, ref_logprobs, local_mini)
+        # the ranks' shares of the loss add up to the batch's; the other values are averages over micro-batches
+        update_metrics = {
+            "loss": sum_over_ranks(update_metrics.pop("loss")),
+            **reduce_metrics(update_metrics),
+        }
         timings["update"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -278,10 +331,13 @@ class GRPOTrainer:
         timings["sync"] = time.perf_counter() - t
         self.step_count += 1
 
-        total_time = time.perf_counter() - t0
-        response_lengths = rollout.response_mask.sum(1).float()
-        tokens = float(rollout.prompt_mask.sum() + rollout.response_mask.sum())
-        penalties = Counter(info.get("penalty") for info in infos if info.get("penalty"))
+        timings["step"] = time.perf_counter() - t0
+        timings = reduce_metrics(timings, "max")  # a step lasts as long as its slowest rank
+        total_time = timings.pop("step")
+        response_lengths = gather_rows(rollout.response_mask.sum(1).float())
+        truncated = gather_rows(rollout.truncated.float())
+        tokens = sum_over_ranks(float(rollout.prompt_mask.sum() + rollout.response_mask.sum()))
+        penalties = Counter(p for p in gather_objects([info.get("penalty") for info in infos]) if p)
         metrics: dict[str, Any] = {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std(unbiased=False).item(),
@@ -290,11 +346,13 @@ class GRPOTrainer:
             "valid_fraction": 1.0 - sum(penalties.values()) / num_samples,
             "nonfinite_rewards": nonfinite,
             "response_length": response_lengths.mean().item(),
-            "truncated_fraction": rollout.truncated.float().mean().item(),
+            "truncated_fraction": truncated.mean().item(),
             "lr": lr,
             "tokens_per_s": tokens / total_time,
             **update_metrics,
             **{f"time_{k}": v for k, v in timings.items()},
+            # a generator that syncs weights reports the last push (ms, bytes): sync_ms, sync_bytes
+            **{f"sync_{k}": v for k, v in (getattr(self.generator, "last_sync", None) or {}).items()},
             "time_step": total_time,
             **{f"penalty/{reason}": count for reason, count in sorted(penalties.items())},
         }
@@ -320,6 +378,10 @@ class GRPOTrainer:
             for mini_start in range(0, rollout.num_samples, mini_batch_size):
                 mini = order[mini_start : mini_start + mini_batch_size]
                 mini_mask = rollout.response_mask[mini]
+                # This rank's share of the mini-batch's loss over all ranks (1 for one process): the sharded
+                # gradients are summed over ranks, so the shares make up the whole mini-batch's mean.
+                local_norm = loss_normaliser(mini_mask, cfg.loss_agg)
+                rank_share = local_norm / max(1.0, sum_over_ranks(local_norm))
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(mini), cfg.micro_batch_size):
                     rows = mini[micro_start : micro_start + cfg.micro_batch_size]
@@ -334,6 +396,11 @@ class GRPOTrainer:
                         with_entropy=True,
                     )
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[rows].to(device)
+                    tis = None
+                    if cfg.tis_cap > 0 and rollout.logprobs is not None:
+                        tis = truncated_importance_weights(
+                            old, rollout.logprobs[rows].to(device), cfg.tis_cap
+                        )
                     loss, metrics = policy_loss(
                         logprobs,
                         old,
@@ -343,6 +410,7 @@ class GRPOTrainer:
                         clip_high=cfg.clip_high,
                         agg=cfg.loss_agg,
                         max_len=max_len,
+                        token_weights=tis,
                     )
                     if ref_logprobs is not None:
                         kl = aggregate(
@@ -355,15 +423,16 @@ class GRPOTrainer:
                         sums["kl"] += kl.item()
                     if cfg.entropy_coef:
                         loss = loss - cfg.entropy_coef * aggregate(entropy, mask, cfg.loss_agg, max_len)
-                    (
-                        loss * micro_batch_weight(rollout.response_mask[rows], mini_mask, cfg.loss_agg)
-                    ).backward()
-                    sums["loss"] += loss.item()
+                    weight = micro_batch_weight(rollout.response_mask[rows], mini_mask, cfg.loss_agg)
+                    (loss * (weight * rank_share)).backward()
+                    sums["loss"] += loss.item() * weight * rank_share  # adds up to the mini-batch's loss
                     sums["entropy"] += masked_mean(entropy.detach(), mask).item()
                     sums["clip_fraction"] += float(metrics["clip_fraction"])
                     sums["approx_kl"] += float(metrics["approx_kl"])
                     sums["micro_batches"] += 1
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                if isinstance(grad_norm, DTensor):  # sharded: the norm over all shards, replicated
+                    grad_norm = grad_norm.full_tensor()
                 if not torch.isfinite(grad_norm):
                     # A non-finite gradient would poison the weights; skip this update and say so.
                     log.warning("non-finite gradient norm at step %d; update skipped", self.step_count)
@@ -375,7 +444,9 @@ class GRPOTrainer:
                 updates += 1
         self.scheduler.step()
         n = max(1, sums.pop("micro_batches"))
-        out = {k: sums[k] / n for k in ("loss", "entropy", "clip_fraction", "approx_kl", "kl")}
+        out = {k: sums[k] / n for k in ("entropy", "clip_fraction", "approx_kl", "kl")}
+        # mean over mini-batches of the loss each update minimised
+        out["loss"] = sums["loss"] / max(1, updates)
         out["grad_norm"] = sums["grad_norm"] / max(1, updates)
         out["skipped_updates"] = sums["skipped_updates"]
         return out
@@ -385,19 +456,20 @@ class GRPOTrainer:
         """Run until `total_steps`, checkpointing every `checkpoint_every` steps and at the end."""
         cfg = self.config
         history = []
-        with step_progress("GRPO", disable=not progress) as bar:
+        with step_progress("GRPO", disable=not (progress and is_main())) as bar:
             task = bar.add_task("grpo", total=cfg.total_steps, completed=self.step_count)
             while self.step_count < cfg.total_steps:
                 metrics = self.step()
                 history.append(metrics)
-                if self.step_count % cfg.log_every == 0 or self.step_count == cfg.total_steps:
+                last = self.step_count == cfg.total_steps
+                if is_main() and (self.step_count % cfg.log_every == 0 or last):
                     keys = (
                         ("reward_mean", "valid_fraction", "kl", "grad_norm", "time_step")
                         if self.console_log
                         else ()
                     )
                     self.logger.log(self.step_count, metrics, console_keys=keys)
-                if self.step_count % cfg.checkpoint_every == 0 or self.step_count == cfg.total_steps:
-                    self.save()
+                if self.step_count % cfg.checkpoint_every == 0 or last:
+                    self.save()  # every rank takes part in gathering the state; rank 0 writes
                 bar.update(task, completed=self.step_count)
         return history

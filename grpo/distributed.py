@@ -1,0 +1,288 @@
+"""Process group and FSDP2 plumbing: one trainer process per device, the policy sharded with `fully_shard`.
+
+Launch: `torchrun --nproc-per-node N -m MODULE ...` (gloo on CPU, NCCL on CUDA). Without torchrun's environment
+every helper here is a no-op for a single process, so the trainer runs the same code either way.
+
+How a sharded GRPO step equals a single-process step on the same batch:
+  - every rank draws the same prompt indices and takes its own contiguous slice, so groups never span ranks;
+  - rewards are gathered, so advantages (and the reward metrics) are computed on the whole batch;
+  - each rank weighs its micro-batch losses by its share of the GLOBAL normaliser (token or sequence count summed
+    over ranks), and FSDP sums (not averages) the gradients over ranks (`shard_model` sets divide factor 1).
+
+Accelerate 1.15 does not shard with FSDP on CPU (it trains an unsharded copy on every process without a word), so
+`init_distributed` refuses that launch; on GPUs `accelerate launch --config_file configs/accelerate_fsdp2.yaml`
+works as a launcher and its FSDP settings (offload, mixed precision) are read by `settings_from_accelerate_env`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ShardingConfig:
+    # Mixed precision: parameters all-gathered (and the forward run) in `param_dtype`, gradients reduced in
+    # `reduce_dtype`; None keeps the stored dtype. The sharded master weights and the optimizer stay as loaded.
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+    # Keep the policy's shards in host memory between uses (CPUOffloadPolicy; accelerators only). The frozen
+    # reference model is always offloaded on an accelerator, as in the paper.
+    offload_policy: bool = False
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def device() -> torch.device:
+    """This process's device: its CUDA device under torchrun on GPUs, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def check_launcher() -> None:
+    """Fail loudly on `accelerate launch` with FSDP on a machine without GPUs: Accelerate 1.15 would train an
+    unsharded model on every process there."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    if fsdp and (cpu or not torch.cuda.is_available()):
+        raise RuntimeError(
+            "accelerate launch with FSDP on CPU does not shard (Accelerate 1.15 silently trains a full copy per "
+            "process). Launch CPU runs with torchrun instead: "
+            "torchrun --nproc-per-node 2 -m MODULE ... (gloo backend, sharded by grpo.distributed)"
+        )
+
+
+def init_distributed(timeout_s: float = 1800.0) -> bool:
+    """Join the process group that torchrun (or accelerate launch) describes in RANK/WORLD_SIZE/MASTER_ADDR;
+    returns whether this is a multi-process run. NCCL on CUDA, gloo on CPU; no-op for a single process."""
+    check_launcher()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(device())
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group (torch warns at exit about one left open)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def settings_from_accelerate_env() -> ShardingConfig:
+    """The sharding settings of an `accelerate launch --config_file ...` run (its mixed_precision and
+    fsdp_offload_params, passed to the processes as environment variables); defaults under torchrun."""
+    precision = _DTYPES.get(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+    return ShardingConfig(
+        param_dtype=precision,
+        # gradients are summed in float32 even when the forward runs in bf16: bf16 sums lose low-order bits
+        reduce_dtype=torch.float32 if precision is not None else None,
+        offload_policy=os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true",
+    )
+
+
+def shard_model(model: torch.nn.Module, config: ShardingConfig | None = None, *, frozen: bool = False):
+    """FSDP2-shard a transformers causal LM in place: each decoder layer (`model.model.layers[i]`) is one unit
+    (its parameters all-gathered just for its forward/backward), the rest (embeddings, tied lm_head, final norm)
+    is the root unit. Every parameter becomes a DTensor holding 1/world_size of dim 0 on this rank.
+
+    Gradients are summed over ranks (divide factor 1, not FSDP's default mean): the trainer already weighs each
+    rank's loss by its share of the global batch. `frozen` (the reference model) skips that and, on an
+    accelerator, offloads the shards to host memory. Returns the model (its class becomes FSDP<Class>).
+    """
+    config = config or ShardingConfig()
+    on_accelerator = device().type != "cpu"
+    # CPUOffloadPolicy needs an accelerator to copy to; on CPU the shards already live in host memory.
+    offload = on_accelerator and (frozen or config.offload_policy)
+    kwargs: dict[str, Any] = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype),
+    }
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    # fully_shard moves the shards to this rank's device itself (or keeps them on the host with offload)
+    units = [*model.model.layers, model]
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    if frozen:
+        model.requires_grad_(False)
+    else:
+        for unit in units:
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+# -- collectives on small host values (identity for a single process) ----------------------------------------
+def _comm_device() -> torch.device:
+    return device() if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_over_ranks(value: float) -> float:
+    if world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(total)
+    return float(total.item())
+
+
+def reduce_metrics(values: dict[str, float], op: str = "mean") -> dict[str, float]:
+    """Mean (or max) of each value over ranks; every rank must pass the same keys in the same order."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    stacked = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(stacked, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if op == "mean":
+        stacked /= world_size()
+    return dict(zip(values, stacked.cpu().tolist(), strict=True))
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0 in rank order (equal shapes on all ranks)."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor, device=_comm_device()) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.to(_comm_device()))
+    return torch.cat(parts).to(tensor.device)
+
+
+def gather_objects(items: list) -> list:
+    """Concatenate every rank's list of picklable objects in rank order."""
+    if world_size() == 1:
+        return list(items)
+    parts: list[list] = [[] for _ in range(world_size())]
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+# -- full state dicts: gathered to rank 0 on the CPU, loaded by broadcast from rank 0 ---------------------------
+def _full(broadcast: bool = False) -> StateDictOptions:
+    # Gather: cpu_offload moves each gathered tensor to host memory as it arrives and keeps it on rank 0 only, so
+    # no rank holds a second full copy on its device. Load: rank 0 broadcasts tensor by tensor, every rank keeps
+    # its own shard of each.
+    if broadcast:
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on rank 0 ({} on other ranks); a plain model's own state dict.
+    Collective: every rank must call it."""
+    return get_model_state_dict(model, options=_full()) if is_sharded(model) else model.state_dict()
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` of the whole model, in torch's own format (parameters numbered in param-group
+    order), so the file is the same whether a run was sharded or not. Sharded: gathered to rank 0 ({} on the
+    others); collective, every rank must call it."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    by_name = get_optimizer_state_dict(model, optimizer, options=_full())
+    if not by_name:
+        return {}
+    number = {name: i for i, name in enumerate(n for g in by_name["param_groups"] for n in g["params"])}
+    return {
+        "state": {number[name]: value for name, value in by_name["state"].items()},
+        "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in by_name["param_groups"]],
+    }
+
+
+def load_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Inverse of `optimizer_state`. Sharded: `state` is read on rank 0 (the others pass {}) and broadcast,
+    each rank keeping its shards."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    if state:
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        state = {
+            "state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
+    set_optimizer_state_dict(model, optimizer, state, options=_full(broadcast=True))
+
+
+def _with_tied_names(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the missing aliases of shared parameters (a safetensors file keeps one name for a tied embedding)."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    state = dict(state)
+    for names in aliases.values():
+        present = [n for n in names if n in state]
+        for name in names if present else ():
+            state.setdefault(name, state[present[0]])
+    return state
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict read on rank 0 (other ranks pass {}) into a sharded model; each rank keeps only
+    its shards of the broadcast. Collective."""
+    if is_main():
+        state = _with_tied_names(model, state)
+    set_model_state_dict(model, state, options=_full(broadcast=True))
+
+
+def save_pretrained_full(model, tokenizer, path: str | Path) -> Path:
+    """`save_pretrained` of a sharded or plain model: gathered to rank 0, written there only (safetensors).
+    Collective: every rank must call it; the directory is complete on return on every rank."""
+    state = full_model_state(model)
+    path = Path(path)
+    if is_main():
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    barrier()
+    return path
+
+
+def setup_sharded(model, ref_model=None, config: ShardingConfig | None = None):
+    """What a launcher calls before building the GRPOTrainer: shard the policy and the frozen reference
+    (`config` defaults to the accelerate launch settings, or none). The trainer reads the rank and world size
+    from the process group. Returns (model, ref_model)."""
+    config = config or settings_from_accelerate_env()
+    shard_model(model, config)
+    if ref_model is not None:
+        shard_model(ref_model, config, frozen=True)
+    return model, ref_model

@@ -1,0 +1,258 @@
+"""grpo/distributed.py and the sharded trainer: 2 gloo processes on the CPU (tests/fsdp_worker.py) against one.
+
+The worker runs once (the module fixture `sharded`); the single-process references run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo import distributed
+from grpo.generation import HFGenerator
+from grpo.models import load_model_and_tokenizer
+from grpo.trainer import GRPOTrainer
+from tests import resume_worker
+from tests.fsdp_worker import STEP_AGGS, length_reward, step_config
+from tests.test_trainer import FixedGenerator, fixed_rollout
+from tests.toy import digit_reward, toy_model, toy_prompts, toy_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(out: Path, checkpoint: Path) -> dict:
+    """Run tests/fsdp_worker.py on 2 processes under torchrun; what its rank 0 found."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-port", str(free_port()), "-m", "tests.fsdp_worker", str(out), str(checkpoint)]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+def assert_same_optimizer_state(got: dict, expected: dict) -> None:
+    # a state loaded by broadcast holds its betas as a list, a fresh AdamW as a tuple
+    def groups(state):
+        return [
+            {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state["param_groups"]
+        ]
+
+    assert groups(got) == groups(expected)
+    assert set(got["state"]) == set(expected["state"])
+    for index, values in expected["state"].items():
+        for key, value in values.items():
+            assert torch.equal(got["state"][index][key], value), (index, key)
+
+
+def assert_same_weights(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The single-process references on one thread, like each worker rank: on a busy 2-core machine two
+    threads per process oversubscribe the cores and a step takes 5-20 times longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ launcher
+
+
+def test_a_single_process_needs_no_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init_distributed() is False
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    assert distributed.sum_over_ranks(2.5) == 2.5
+
+
+def test_accelerate_fsdp_on_cpu_fails_loudly(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="torchrun"):
+        distributed.init_distributed()
+
+
+def test_accelerate_config_is_fsdp2_per_decoder_layer_and_its_settings_are_read(monkeypatch):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO_ROOT / "configs" / "accelerate_fsdp2.yaml"))
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "Qwen2DecoderLayer"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", config.mixed_precision)
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    settings = distributed.settings_from_accelerate_env()
+    assert (settings.param_dtype, settings.reduce_dtype, settings.offload_policy) == (
+        torch.bfloat16,
+        torch.float32,
+        True,
+    )
+
+
+def single_process_trainer(model, tokenizer, run_dir: Path, steps: int) -> GRPOTrainer:
+    """The trainer tests/fsdp_worker.py builds on each rank, in one process."""
+    return GRPOTrainer(
+        model=model,
+        tokenizer=tokenizer,
+        generator=HFGenerator(model, tokenizer),
+        prompts=toy_prompts(5, tokenizer),
+        reward_fn=digit_reward,
+        config=resume_worker.config(steps),
+        run_dir=run_dir,
+        ref_model=toy_model(seed=0),
+        console_log=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> dict:
+    """A single-process checkpoint after one step, then everything the worker found on 2 ranks."""
+    out = tmp_path_factory.mktemp("fsdp")
+    single = single_process_trainer(toy_model(seed=0), toy_tokenizer(), out / "single", 2)
+    single.step()
+    found = launch(out, single.save())
+    found["single"] = {
+        "weights": {k: v.clone() for k, v in single.model.state_dict().items()},
+        "optimizer": single.optimizer.state_dict(),
+    }
+    found["out"] = out
+    return found
+
+
+# ------------------------------------------------------------------------------ one sharded step
+
+
+def test_parameters_are_sharded_dtensors(sharded):
+    """Every parameter is a DTensor whose rank-0 shard holds the first half of dim 0; the reference is frozen."""
+    assert sharded["world_size"] == 2
+    shapes = {name: tuple(p.shape) for name, p in toy_model(seed=0).named_parameters()}
+    assert set(sharded["shards"]) == set(shapes)
+    for name, (kind, full, local) in sharded["shards"].items():
+        assert kind == "DTensor" and full == shapes[name], name
+        assert local == (-(-full[0] // 2), *full[1:]), name
+    assert not sharded["ref_requires_grad"]
+
+
+@pytest.mark.parametrize("loss_agg", STEP_AGGS)
+def test_one_sharded_step_equals_one_single_process_step(sharded, tmp_path, loss_agg):
+    """Same fixed rollout and rewards: 2 ranks x 2 micro-batches of 4 give the loss, gradient and new weights of
+    one process with 4 micro-batches of 4 (KL term included)."""
+    tokenizer = toy_tokenizer()
+    model = toy_model(seed=0)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = GRPOTrainer(
+        model=model,
+        tokenizer=tokenizer,
+        generator=FixedGenerator(fixed_rollout(len(tokenizer))),
+        prompts=toy_prompts(4),
+        reward_fn=length_reward,
+        config=step_config(loss_agg),
+        run_dir=tmp_path,
+        ref_model=toy_model(seed=1),
+        console_log=False,
+    )
+    expected = trainer.step()
+    sharded = sharded[loss_agg]
+    for key in ("reward_mean", "reward_std", "valid_fraction", "response_length", "truncated_fraction"):
+        assert sharded["metrics"][key] == pytest.approx(expected[key], rel=1e-12), key
+    for key in ("loss", "grad_norm"):
+        assert sharded["metrics"][key] == pytest.approx(expected[key], rel=1e-5), key
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(sharded["grads"][name], param.grad, atol=1e-7, rtol=1e-4)
+    weights = model.state_dict()
+    assert set(sharded["weights"]) == set(weights)
+    for name, value in weights.items():
+        # Adam's first step is lr * g / (|g| + eps): where g ~ eps, rounding of g moves a weight by a visible
+        # fraction of lr (1e-3), so the weights are held to lr / 10 (the gradients above are the tight check)
+        torch.testing.assert_close(sharded["weights"][name], value, atol=1e-4, rtol=0)
+    assert max((weights[k] - initial[k]).abs().max().item() for k in weights) > 5e-4  # a real update
+
+
+# ------------------------------------------------------------------------------ checkpoints and resume
+
+
+def test_a_sharded_run_resumed_from_its_checkpoint_matches_the_uninterrupted_run(sharded):
+    """Steps 1-2 in one go, against fresh objects (other initial weights) restored from the step-1 checkpoint
+    and running step 2: same sampled rewards, bit-identical weights and optimizer state."""
+    uninterrupted, again = sharded["uninterrupted"], sharded["resumed"]
+    assert len(uninterrupted["rewards"]) == 2 and again["rewards"] == uninterrupted["rewards"][1:]
+    assert_same_weights(again["weights"], uninterrupted["weights"])
+    assert_same_optimizer_state(again["optimizer"], uninterrupted["optimizer"])
+
+
+def test_a_sharded_checkpoint_loads_and_continues_in_a_single_process(sharded, tmp_path):
+    checkpoint = sharded["out"] / "run" / "checkpoints" / "step-000002"
+    model, tokenizer = load_model_and_tokenizer(checkpoint / "model", dtype="float32")
+    model_state = model.state_dict()
+    assert_same_weights(model_state, sharded["uninterrupted"]["weights"])
+    trainer = single_process_trainer(model, tokenizer, tmp_path, 3)
+    trainer.restore(checkpoint)
+    assert trainer.step_count == 2
+    assert_same_optimizer_state(trainer.optimizer.state_dict(), sharded["uninterrupted"]["optimizer"])
+    assert trainer.train(progress=False)[-1]["grad_norm"] > 0  # step 3
+    assert trainer.step_count == 3
+
+
+def test_a_sharded_model_saves_as_a_plain_transformers_model(sharded):
+    model, _ = load_model_and_tokenizer(sharded["out"] / "final_model", dtype="float32")
+    assert_same_weights(model.state_dict(), sharded["uninterrupted"]["weights"])
+
+
+def test_a_single_process_checkpoint_loads_sharded(sharded):
+    loaded = sharded["from_single"]
+    assert loaded["step"] == 1
+    assert_same_weights(loaded["weights"], sharded["single"]["weights"])
+    assert_same_optimizer_state(loaded["optimizer"], sharded["single"]["optimizer"])
+
+
+# ------------------------------------------------------------------------------ the CLI under torchrun
+
+
+def test_crystal_grpo_train_runs_sharded_under_torchrun_and_resumes(tmp_path):
+    """`torchrun --nproc-per-node 2 cli.py train`: a real sharded GRPO run of the tiny model on the packaged
+    data (rank 0 builds the initial model, both ranks train, rank 0 logs and checkpoints); run again with more
+    steps it resumes from the checkpoint instead of starting over, and the final model loads in one process."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("CRYSTAL_GRPO_DATA", None)
+
+    def train(steps: int) -> None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        command += ["--master-port", str(free_port()), str(REPO_ROOT / "cli.py"), "train", "--out", str(out)]
+        command += ["--model", "tiny", "--reward", "validity"]
+        settings = ["run.train_limit=40", "run.tokenizer_vocab_size=600", f"grpo.total_steps={steps}"]
+        settings += ["grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=8"]
+        settings += ["grpo.checkpoint_every=1", "grpo.lr=1e-3"]
+        for item in settings:
+            command += ["--set", item]
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    def log() -> list[dict]:
+        return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+    train(1)
+    first = log()
+    assert [r["step"] for r in first] == [1] and "validity" in (out / "config.toml").read_text()
+    train(2)
+    records = log()
+    assert [r["step"] for r in records] == [1, 2] and records[0] == first[0]  # step 1 kept, not redone
+    model, _ = load_model_and_tokenizer(out / "final_model")
+    assert not any(distributed.is_sharded(m) for m in model.modules())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
