@@ -142,6 +142,9 @@ class RunConfig:
     # "line": the paper's one-line text. "lines": lattice, then one atom per line; the same tokens plus
     # newlines, which a small model learns to lay out much sooner (the parser reads both).
     structure_layout: Literal["line", "lines"] = "line"
+    # GRPO rollouts: "hf" (transformers generate on the policy), "vllm" (a vLLM engine in this process) or
+    # "vllm-server" (a vLLM worker process, weights broadcast over gloo/NCCL); the vllm ones need the extra.
+    generator: Literal["hf", "vllm", "vllm-server"] = "hf"
     seed: int = 0
 
 
@@ -338,6 +341,29 @@ def crystal_prompt_items(run: RunConfig, formulas: list[str], tokenizer) -> list
     return items
 
 
+def build_generator(run: RunConfig, policy, tokenizer, out: Path):
+    """The rollout engine of a GRPO run. A vLLM engine starts from the policy's current weights (saved once to
+    RUN/vllm_weights), so a resumed run samples from the resumed model; the trainer syncs it after every update."""
+    from grpo.distributed import world_size
+    from grpo.generation import HFGenerator
+
+    if run.generator == "hf":
+        return HFGenerator(policy, tokenizer)
+    if world_size() > 1:
+        raise fail(
+            f"generator {run.generator!r} with a sharded (torchrun) run is not supported; use run.generator=hf"
+        )
+    from grpo.models import save_model
+    from grpo.vllm_generator import VLLMConfig, VLLMGenerator, VLLMServerGenerator
+
+    engine = VLLMGenerator if run.generator == "vllm" else VLLMServerGenerator
+    weights = save_model(policy, tokenizer, out / "vllm_weights")
+    try:
+        return engine(weights, tokenizer, VLLMConfig(dtype=str(policy.dtype).removeprefix("torch.")))
+    except ImportError as err:
+        raise fail(str(err)) from None
+
+
 def run_grpo(
     run: RunConfig, grpo_config, reward_fn, out: Path, *, resume: bool = True, progress: bool = True
 ) -> Path:
@@ -347,7 +373,6 @@ def run_grpo(
     sharded with FSDP2 (grpo.distributed) and each rank samples its share of the step's prompts."""
     from crystals.data import split_formulas
     from grpo.distributed import barrier, init_distributed, is_main, setup_sharded
-    from grpo.generation import HFGenerator
     from grpo.models import load_model_and_tokenizer
     from grpo.trainer import GRPOTrainer
 
@@ -365,10 +390,11 @@ def run_grpo(
         ref_model.requires_grad_(False)
     if sharded:
         setup_sharded(policy, ref_model)
+    generator = build_generator(run, policy, tokenizer, out)
     trainer = GRPOTrainer(
         model=policy,
         tokenizer=tokenizer,
-        generator=HFGenerator(policy, tokenizer),
+        generator=generator,
         prompts=crystal_prompt_items(run, formulas, tokenizer),
         reward_fn=reward_fn,
         config=grpo_config,
@@ -376,7 +402,11 @@ def run_grpo(
         ref_model=ref_model,
         console_log=progress,
     )
-    return train_and_save(trainer, checkpoint, out, "GRPO", progress)
+    try:
+        return train_and_save(trainer, checkpoint, out, "GRPO", progress)
+    finally:
+        if hasattr(generator, "close"):
+            generator.close()
 
 
 @app.command()
@@ -388,6 +418,10 @@ def train(
     ] = None,
     reward: Annotated[
         str | None, typer.Option(help="Reward: chgnet-etot, ehull, 'ehull+species+diversity', module:attr.")
+    ] = None,
+    generator: Annotated[
+        str | None,
+        typer.Option(help="Rollouts: hf (default), vllm (in process), vllm-server (worker process)."),
     ] = None,
     data_dir: DataDirOption = None,
     config: ConfigOption = None,
@@ -405,11 +439,13 @@ def train(
     configs = load_sections_or_fail(
         {"run": RunConfig, "grpo": GRPOConfig, "reward": RewardConfig}, config, set_
     )
-    apply_cli_overrides(configs["run"], model=model, data_dir=data_dir)
+    apply_cli_overrides(configs["run"], model=model, data_dir=data_dir, generator=generator)
     apply_cli_overrides(configs["reward"], name=reward)
+    if configs["run"].generator not in ("hf", "vllm", "vllm-server"):
+        raise fail(f"unknown generator {configs['run'].generator!r}; choose hf, vllm or vllm-server")
     reward_fn = build_reward_fn(configs["reward"], configs["run"].data_dir)
     try:
-        init_distributed()
+        sharded = init_distributed()
     except RuntimeError as err:  # accelerate launch with FSDP on CPU
         raise fail(str(err)) from None
     if is_main():
@@ -419,7 +455,8 @@ def train(
     except DataError as err:
         raise fail(str(err)) from None
     finally:
-        shutdown()
+        if sharded:  # only the group torchrun asked for (an in-process vLLM engine makes and removes its own)
+            shutdown()
 
 
 def generate_samples(
@@ -644,9 +681,10 @@ class DemoConfig:
 
     model_size: str = "tiny"
     structure_layout: Literal["line", "lines"] = "lines"
-    # SFT is most of the demo's time; 400 steps of 12 is what it takes the tiny model to make most samples parse.
-    sft_steps: int = 400
-    sft_batch_size: int = 12
+    # SFT is most of the demo's time. With the prompt's fixed sentences as single tokens a pair is ~80 tokens
+    # (~230 word by word); 500 steps of 16 pairs is ~5 passes over the 1,500 packaged training structures.
+    sft_steps: int = 500
+    sft_batch_size: int = 16
     sft_lr: float = 2e-3
     # Few prompts with large groups: most samples of a tiny SFT model are penalised, and a group needs at least
     # one scored sample to give an advantage at all.
@@ -817,6 +855,29 @@ def demo(
     except DataError as err:
         raise fail(str(err)) from None
     print_demo_report(out, stages)
+
+
+@app.command()
+def bench(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Benchmarks to run (default all): grpo_step, rollout, reward, weight_sync."),
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small configurations (under 3 minutes).")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Where results.json and results.md go.")] = Path("bench"),
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
+) -> None:
+    """Throughput benchmarks, side by side in one run: our GRPO step vs TRL's, HF vs vLLM rollout, rewards,
+    weight sync. Writes JSON and a Markdown table with machine info."""
+    from benchmarks.run import run_benchmarks
+
+    check_run_dir(out)
+    try:
+        markdown = run_benchmarks(names, quick, out, threads)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    console.print(markdown.read_text())
+    console.print(f"results: {markdown} and {markdown.with_name('results.json')}")
 
 
 def evaluate_demo(out: Path, demo_config: DemoConfig, data_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -22,8 +23,14 @@ def rocksalt() -> Structure:
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("data", "check", "sft", "train", "sample", "reward"):
+    for command in ("data", "check", "sft", "train", "sample", "reward", "evaluate", "demo", "bench"):
         assert command in result.output
+
+
+def test_bench_unknown_name_is_a_clean_error(tmp_path):
+    result = runner.invoke(app, ["bench", "nope", "--out", str(tmp_path / "bench")])
+    assert result.exit_code == 1
+    assert "unknown benchmark(s) ['nope']" in result.output and "grpo_step" in result.output
 
 
 def test_data_info_on_packaged_demo(monkeypatch):
@@ -184,3 +191,30 @@ def test_evaluate_writes_tables_and_metrics(tmp_path, monkeypatch):
     assert 0.0 <= run["table1"]["metastable_rate"] <= 1.0
     missing = runner.invoke(app, ["evaluate", str(tmp_path / "none.jsonl"), "--out", str(out)])
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed (extra: vllm)")
+def test_train_with_the_vllm_generator_syncs_weights_every_step(tmp_path, monkeypatch):
+    """`train --generator vllm`: rollouts from an in-process vLLM engine built from the starting model, the
+    updated weights loaded into it after each step (sync time and bytes in the step log)."""
+    monkeypatch.delenv("CRYSTAL_GRPO_DATA", raising=False)
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--model", "tiny", "--reward", "validity", "--generator", "vllm"]
+    for item in (
+        "run.train_limit=40",
+        "run.tokenizer_vocab_size=600",
+        "grpo.total_steps=2",
+        "grpo.prompts_per_step=2",
+        "grpo.group_size=2",
+        "grpo.max_new_tokens=16",
+        "grpo.lr=1e-3",
+    ):
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["sync_bytes"] > 1e6 and r["sync_ms"] > 0 for r in records)
+    assert 'generator = "vllm"' in (out / "config.toml").read_text()
+    bad = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--generator", "nope"])
+    assert bad.exit_code == 1 and "unknown generator 'nope'" in bad.output

