@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,17 +51,44 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config) -> torch.optim.lr_
 
 
 class IndexSampler:
-    """Endless seeded shuffles of range(n); (epoch, offset) is the whole state, so a resumed run sees the same order."""
+    """Endless seeded shuffles of range(n); (epoch, offset) is the whole state, so a resumed run sees the same order.
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, offset: int = 0):
+    With ``lengths``, each shuffle is length-grouped: cut into chunks of ``group`` indices, each chunk sorted by
+    length. Consecutive batches (``group`` a multiple of the batch size) then hold items of similar length and
+    little padding, while every item is still seen once per epoch in a seeded random chunk order.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        epoch: int = 0,
+        offset: int = 0,
+        *,
+        lengths: Sequence[int] | None = None,
+        group: int = 0,
+    ):
         if n < 1:
             raise ValueError("nothing to sample from: the dataset is empty")
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"lengths has {len(lengths)} entries for {n} items")
         self.n, self.seed, self.epoch, self.offset = n, seed, epoch, offset
+        self.lengths = None if lengths is None or group < 2 else np.asarray(lengths)
+        self.group = group
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's visiting order (a pure function of seed and epoch)."""
+        order = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+        if self.lengths is None:
+            return order
+        chunks = [order[i : i + self.group] for i in range(0, self.n, self.group)]
+        # stable sort: equal lengths keep their random order
+        return np.concatenate([c[np.argsort(self.lengths[c], kind="stable")] for c in chunks])
 
     def take(self, count: int) -> list[int]:
         picked: list[int] = []
         while len(picked) < count:
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
+            order = self.order(self.epoch)
             chunk = order[self.offset : self.offset + count - len(picked)].tolist()
             picked.extend(chunk)
             self.offset += len(chunk)

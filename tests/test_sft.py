@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from grpo.models import load_model_and_tokenizer
+from grpo.optim import IndexSampler
 from grpo.run_log import read_log
 from grpo.sft import IGNORE_INDEX, SFTConfig, SFTTrainer, collate, response_nll, tokenize_pairs
 from tests.toy import toy_model, toy_prompts, toy_tokenizer
@@ -129,3 +131,30 @@ def test_sft_resume_reaches_the_same_weights(tmp_path):
     assert [r["step"] for r in read_log(tmp_path / "b" / "sft_log.jsonl")] == [1, 2, 3, 4]
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=name)
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 140, size=100)
+    plain = IndexSampler(100, seed=3)
+    grouped = IndexSampler(100, seed=3, lengths=lengths, group=32)
+    for epoch in range(3):
+        order = grouped.order(epoch)
+        assert sorted(order.tolist()) == list(range(100))  # every item once per epoch
+        assert set(order[:32].tolist()) == set(plain.order(epoch)[:32].tolist())  # same random chunks
+        for start in range(0, 100, 32):
+            assert np.all(np.diff(lengths[order[start : start + 32]]) >= 0)  # each chunk sorted by length
+    assert not np.array_equal(grouped.order(0), grouped.order(1))
+
+    def padded_positions(sampler: IndexSampler) -> int:
+        return sum(8 * int(lengths[sampler.take(8)].max()) for _ in range(50))
+
+    assert padded_positions(IndexSampler(100, 3, lengths=lengths, group=32)) < 0.85 * padded_positions(
+        IndexSampler(100, 3)
+    )
+    # (epoch, offset) is still the whole state: a sampler restored mid-epoch continues the same order
+    first = IndexSampler(100, 3, lengths=lengths, group=32)
+    first.take(40)
+    resumed = IndexSampler(100, 3, lengths=lengths, group=32)
+    resumed.load_state(first.state())
+    assert resumed.take(90) == first.take(90)
