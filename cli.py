@@ -682,8 +682,8 @@ class DemoConfig:
     model_size: str = "tiny"
     structure_layout: Literal["line", "lines"] = "lines"
     # SFT is most of the demo's time. With the prompt's fixed sentences as single tokens a pair is ~80 tokens
-    # (~230 word by word); 500 steps of 16 pairs is ~5 passes over the 1,500 packaged training structures.
-    sft_steps: int = 500
+    # (~230 word by word); 400 steps of 16 pairs is ~4 passes over the 1,500 packaged training structures.
+    sft_steps: int = 400
     sft_batch_size: int = 16
     sft_lr: float = 2e-3
     # Few prompts with large groups: most samples of a tiny SFT model are penalised, and a group needs at least
@@ -697,7 +697,7 @@ class DemoConfig:
     eval_formulas: int = 8
     samples_per_formula: int = 2
     relax_steps: int = 100
-    novelty_train_limit: int = 300
+    novelty_train_limit: int = 200
     reward: str = RewardConfig.name
     seed: int = 0
 
