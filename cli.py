@@ -697,6 +697,9 @@ class DemoConfig:
     eval_formulas: int = 8
     samples_per_formula: int = 2
     relax_steps: int = 100
+    # A generated cell that collapses or explodes while relaxing can hold CHGNet for many minutes (seen: 7 min
+    # and 5 GB per worker); past this it is recorded as timed out and the evaluation goes on.
+    relax_timeout_s: float = 60.0
     novelty_train_limit: int = 200
     reward: str = RewardConfig.name
     seed: int = 0
@@ -889,7 +892,7 @@ def evaluate_demo(out: Path, demo_config: DemoConfig, data_path: Path) -> None:
         out_dir=out / "report",
         data_dir=data_path,
         train_limit=demo_config.novelty_train_limit,
-        relax_config=RelaxConfig(max_steps=demo_config.relax_steps),
+        relax_config=RelaxConfig(max_steps=demo_config.relax_steps, timeout_s=demo_config.relax_timeout_s),
         training_log=out / "grpo" / "train_log.jsonl",
     )
 
