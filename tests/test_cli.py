@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pymatgen.core import Lattice, Structure
@@ -13,6 +16,7 @@ from cli import app
 from crystals.text import format_structure, write_cif
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -196,10 +200,23 @@ def test_evaluate_writes_tables_and_metrics(tmp_path, monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed (extra: vllm)")
 def test_train_with_the_vllm_generator_syncs_weights_every_step(tmp_path, monkeypatch):
     """`train --generator vllm`: rollouts from an in-process vLLM engine built from the starting model, the
-    updated weights loaded into it after each step (sync time and bytes in the step log)."""
+    updated weights loaded into it after each step (sync time and bytes in the step log). Run as its own
+    process, as a user would: an engine must not outlive the test in the pytest process."""
     monkeypatch.delenv("CRYSTAL_GRPO_DATA", raising=False)
     out = tmp_path / "run"
-    args = ["train", "--out", str(out), "--model", "tiny", "--reward", "validity", "--generator", "vllm"]
+    args = [
+        sys.executable,
+        str(REPO / "cli.py"),
+        "train",
+        "--out",
+        str(out),
+        "--model",
+        "tiny",
+        "--reward",
+        "validity",
+        "--generator",
+        "vllm",
+    ]
     for item in (
         "run.train_limit=40",
         "run.tokenizer_vocab_size=600",
@@ -210,8 +227,8 @@ def test_train_with_the_vllm_generator_syncs_weights_every_step(tmp_path, monkey
         "grpo.lr=1e-3",
     ):
         args += ["--set", item]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["sync_bytes"] > 1e6 and r["sync_ms"] > 0 for r in records)
