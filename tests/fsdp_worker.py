@@ -114,9 +114,8 @@ def one_step(out: Path) -> dict:
     return found
 
 
-def sharded_trainer(model, run_dir: Path, steps: int) -> GRPOTrainer:
-    tokenizer = toy_tokenizer()
-    model, ref_model = setup_sharded(model, toy_model(seed=0))
+def toy_trainer(model, tokenizer, ref_model, run_dir: Path, steps: int) -> GRPOTrainer:
+    """The toy GRPO run both sides compare: on each rank here, in one process in tests/test_fsdp.py."""
     return GRPOTrainer(
         model=model,
         tokenizer=tokenizer,
@@ -128,6 +127,11 @@ def sharded_trainer(model, run_dir: Path, steps: int) -> GRPOTrainer:
         ref_model=ref_model,
         console_log=False,
     )
+
+
+def sharded_trainer(model, run_dir: Path, steps: int) -> GRPOTrainer:
+    model, ref_model = setup_sharded(model, toy_model(seed=0))
+    return toy_trainer(model, toy_tokenizer(), ref_model, run_dir, steps)
 
 
 def load_weights(model, checkpoint: Path) -> None:

@@ -16,13 +16,11 @@ import pytest
 import torch
 
 from grpo import distributed
-from grpo.generation import HFGenerator
 from grpo.models import load_model_and_tokenizer
 from grpo.trainer import GRPOTrainer
-from tests import resume_worker
-from tests.fsdp_worker import STEP_AGGS, length_reward, step_config
+from tests.fsdp_worker import STEP_AGGS, length_reward, step_config, toy_trainer
 from tests.test_trainer import FixedGenerator, fixed_rollout
-from tests.toy import digit_reward, toy_model, toy_prompts, toy_tokenizer
+from tests.toy import toy_model, toy_prompts, toy_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,17 +105,7 @@ def test_accelerate_config_is_fsdp2_per_decoder_layer_and_its_settings_are_read(
 
 def single_process_trainer(model, tokenizer, run_dir: Path, steps: int) -> GRPOTrainer:
     """The trainer tests/fsdp_worker.py builds on each rank, in one process."""
-    return GRPOTrainer(
-        model=model,
-        tokenizer=tokenizer,
-        generator=HFGenerator(model, tokenizer),
-        prompts=toy_prompts(5, tokenizer),
-        reward_fn=digit_reward,
-        config=resume_worker.config(steps),
-        run_dir=run_dir,
-        ref_model=toy_model(seed=0),
-        console_log=False,
-    )
+    return toy_trainer(model, tokenizer, toy_model(seed=0), run_dir, steps)
 
 
 @pytest.fixture(scope="module")
