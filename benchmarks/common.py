@@ -190,9 +190,10 @@ def vllm_unavailable() -> str | None:
 
 def build_vllm_generator(mode: str, model_dir: Path, tokenizer):
     """A float32 vLLM generator ("colocated" or "server") over a saved model directory."""
-    from grpo.vllm_generator import VLLMConfig, VLLMGenerator, VLLMServerGenerator
+    from grpo.generation import GeneratorConfig
+    from grpo.vllm_generator import VLLMGenerator, VLLMServerGenerator
 
-    config = VLLMConfig(dtype="float32")
+    config = GeneratorConfig(kind="vllm" if mode == "colocated" else "vllm-server", dtype="float32")
     cls = VLLMGenerator if mode == "colocated" else VLLMServerGenerator
     return cls(model_dir, tokenizer, config)
 

@@ -70,16 +70,33 @@ def build_config(cls: type[T], values: dict[str, Any] | None = None, *, section:
         raise ConfigError(f"[{section}] {err}" if section else str(err)) from err
 
 
-def read_toml(path: str | Path | None) -> dict[str, Any]:
+def read_toml(path: str | Path | None, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The tables of a TOML config file. A top-level `extends = "base.toml"` (relative to the file) reads that
+    file first; this file's keys then replace the base's, table by table."""
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be a file name, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"{path}: extends {base} goes round in a circle")
+    merged = read_toml(base_path, (*_seen, path.resolve()))
+    for table, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(table), dict):
+            merged[table] = {**merged[table], **values}
+        else:
+            merged[table] = values
+    return merged
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
@@ -106,7 +123,22 @@ def load_sections(
         if section not in sections:
             raise ConfigError(f"unknown config table {section!r} in override; known: {sorted(sections)}")
         raw.setdefault(section, {}).update(values)
+    for name, values in raw.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name} must be a table ([{name}] with key = value lines), got {values!r}")
     return {name: build_config(cls, raw.get(name), section=name) for name, cls in sections.items()}
+
+
+def config_differences(saved: dict[str, Any], configs: dict[str, Any]) -> list[str]:
+    """`table.key` names whose value in `configs` (dataclasses) differs from `saved` (tables as read back from
+    a `to_toml` file), sorted."""
+    current = tomllib.loads(to_toml(configs))
+    keys = {(table, key) for tables in (saved, current) for table, values in tables.items() for key in values}
+    return sorted(
+        f"{table}.{key}"
+        for table, key in keys
+        if saved.get(table, {}).get(key) != current.get(table, {}).get(key)
+    )
 
 
 def _toml_value(value: Any) -> str:

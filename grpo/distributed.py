@@ -17,6 +17,8 @@ works as a launcher and its FSDP settings (offload, mixed precision) are read by
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -70,13 +72,38 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(spec: str) -> torch.device:
+    """The device a `run.device` setting names: "auto" (this process's GPU when there is one, else the CPU),
+    "cpu", "cuda" (this process's GPU: LOCAL_RANK under torchrun) or "cuda:N". ValueError, with what is
+    available, for a device this machine does not have."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return device()
+    if spec == "cpu":
+        return torch.device("cpu")
+    kind, _, index = spec.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {spec!r}: this machine has no CUDA device (use device=cpu or auto)")
+    chosen = int(index) if index else int(os.environ.get("LOCAL_RANK", 0))
+    if chosen >= count:
+        raise ValueError(f"device {spec!r}: only {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})")
+    return torch.device("cuda", chosen)
+
+
+class LaunchError(RuntimeError):
+    """A launch this module cannot run as asked (see check_launcher)."""
+
+
 def check_launcher() -> None:
     """Fail loudly on `accelerate launch` with FSDP on a machine without GPUs: Accelerate 1.15 would train an
     unsharded model on every process there."""
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
     cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
     if fsdp and (cpu or not torch.cuda.is_available()):
-        raise RuntimeError(
+        raise LaunchError(
             "accelerate launch with FSDP on CPU does not shard (Accelerate 1.15 silently trains a full copy per "
             "process). Launch CPU runs with torchrun instead: "
             "torchrun --nproc-per-node 2 -m MODULE ... (gloo backend, sharded by grpo.distributed)"
@@ -101,6 +128,18 @@ def shutdown() -> None:
     """Leave the process group (torch warns at exit about one left open)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(timeout_s: float = 1800.0) -> Iterator[bool]:
+    """`init_distributed` for the span of a block (yields whether the run is multi-process); leaves the group
+    torchrun asked for at the end (an in-process vLLM engine makes and removes its own)."""
+    sharded = init_distributed(timeout_s)
+    try:
+        yield sharded
+    finally:
+        if sharded:
+            shutdown()
 
 
 def settings_from_accelerate_env() -> ShardingConfig:

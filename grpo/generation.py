@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 from transformers import GenerationConfig
@@ -21,6 +22,32 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+
+
+@dataclass
+class GeneratorConfig:
+    """The rollout engine and its settings (a run's `[generator]` table)."""
+
+    # "hf": transformers generate on the policy itself; "vllm": a vLLM engine in this process; "vllm-server":
+    # a vLLM worker process, weights broadcast over gloo (CPU) or NCCL (GPU). The vllm ones need the extra.
+    kind: Literal["hf", "vllm", "vllm-server"] = "hf"
+    batch_size: int = 64  # hf: sequences per generate() call
+    max_prompt_tokens: int = 1024  # longer prompts lose their beginning, never the task at their end
+    # vLLM only. dtype "auto": the checkpoint's dtype; "float32" brings vLLM's numerics closest to a float32
+    # trainer.
+    dtype: str = "auto"
+    max_model_len: int | None = None  # prompt + response budget; None: the model's max_position_embeddings
+    # no CUDA graphs / torch.compile: a fast start, and nothing to recapture after a sync
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.3  # colocated on a GPU, the trainer needs the rest
+    cpu_kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    sleep_mode: bool | None = None  # None: on when CUDA is available (vLLM's CPU worker has no sleep mode)
+    bucket_mb: float = 64.0  # vllm-server: size of one broadcast bucket
+    worker_timeout_s: float = 600.0  # vllm-server: longest wait for the worker (start, a generate, a sync)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_prompt_tokens < 1:
+            raise ValueError("generator.batch_size and generator.max_prompt_tokens must be >= 1")
 
 
 @dataclass
@@ -151,6 +178,20 @@ class HFGenerator:
             truncated=truncated,
             weight_version=self.weight_version,
         )
+
+
+def build_generator(config: GeneratorConfig, model, tokenizer, weights_dir: str | Path) -> Generator:
+    """The rollout engine a config names. A vLLM engine starts from the model's current weights, saved once to
+    `weights_dir` (so a resumed run samples from the resumed model); the trainer syncs it after every update."""
+    if config.kind == "hf":
+        return HFGenerator(
+            model, tokenizer, batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens
+        )
+    from grpo.models import save_model
+    from grpo.vllm_generator import VLLMGenerator, VLLMServerGenerator
+
+    engine = VLLMGenerator if config.kind == "vllm" else VLLMServerGenerator
+    return engine(save_model(model, tokenizer, weights_dir), tokenizer, config)
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

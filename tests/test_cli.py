@@ -232,17 +232,19 @@ def test_train_with_the_vllm_generator_syncs_weights_every_step(tmp_path, monkey
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["sync_bytes"] > 1e6 and r["sync_ms"] > 0 for r in records)
-    assert 'generator = "vllm"' in (out / "config.toml").read_text()
+    assert '[generator]\nkind = "vllm"' in (out / "config.toml").read_text()
     bad = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--generator", "nope"])
     assert bad.exit_code == 1 and "unknown generator 'nope'" in bad.output
 
 
 def test_shipped_paper_config_loads_with_the_papers_settings():
-    from cli import RewardConfig, RunConfig, load_sections_or_fail
+    from grpo.generation import GeneratorConfig
     from grpo.trainer import GRPOConfig
+    from pipeline.config import RewardConfig, RunConfig, load_configs
 
     path = REPO / "configs" / "qwen2.5-7b-paper.toml"
-    configs = load_sections_or_fail({"run": RunConfig, "grpo": GRPOConfig, "reward": RewardConfig}, path, [])
+    sections = {"run": RunConfig, "grpo": GRPOConfig, "reward": RewardConfig, "generator": GeneratorConfig}
+    configs = load_configs(sections, path, [])
     run, grpo = configs["run"], configs["grpo"]
     assert run.model == "Qwen/Qwen2.5-7B-Instruct" and run.dtype == "bfloat16" and run.gradient_checkpointing
     assert (grpo.prompts_per_step, grpo.group_size, grpo.lr, grpo.kl_coef) == (1024, 5, 1e-6, 0.001)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import DEMO_STAGES, app
+from cli import app
+from pipeline.demo import DEMO_STAGES
 
 runner = CliRunner()
 CONSOLE_SCRIPT = Path(sys.executable).with_name("crystal-grpo")
@@ -75,7 +76,7 @@ def test_every_stage_completes_and_finished_stages_are_not_redone(resumed_demo):
 
 def test_run_directory_holds_config_logs_checkpoints_and_models(resumed_demo):
     out, _, _ = resumed_demo
-    assert (out / "config.toml").is_file() and (out / "demo_config.toml").is_file()
+    assert (out / "config.toml").is_file()
     for stage_dir in ("sft", "grpo"):
         assert (out / stage_dir / "final_model" / "model.safetensors").is_file()
         assert list((out / stage_dir / "checkpoints").glob("step-*"))
@@ -147,7 +148,7 @@ def test_unknown_reward_is_a_one_line_error(tmp_path):
 def test_run_directory_of_another_config_is_refused(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "demo_config.toml").write_text('[demo]\nmodel_size = "small"\n')
+    (out / "config.toml").write_text('[run]\nmodel = "small"\n')
     result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 1
-    assert "different settings" in result.output and "model_size" in result.output
+    assert "different settings" in result.output and "run.model" in result.output

@@ -15,14 +15,13 @@ import sys
 import pytest
 import torch
 
-from grpo.generation import Rollout, SamplingConfig
+from grpo.generation import GeneratorConfig, Rollout, SamplingConfig
 from grpo.losses import truncated_importance_weights
 from grpo.models import save_model
 from grpo.policy import batched_response_logprobs
 from grpo.run_log import read_log
 from grpo.trainer import GRPOConfig
 from grpo.vllm_generator import (
-    VLLMConfig,
     VLLMGenerator,
     VLLMServerGenerator,
     build_rollout,
@@ -39,7 +38,7 @@ needs_vllm = pytest.mark.skipif(
 )
 
 # float32 in vLLM: its sampled-token log-probs then agree with the trainer's to ~1e-5 (seen: <= 2e-5)
-CONFIG = VLLMConfig(dtype="float32", bucket_mb=1.0)  # 1 MB buckets: the ~26 MB toy model takes many
+CONFIG = GeneratorConfig(kind="vllm", dtype="float32", bucket_mb=1.0)  # 1 MB buckets: the ~26 MB toy model takes many
 LOGPROB_ATOL = 1e-4
 
 

@@ -1,0 +1,128 @@
+"""Run configs of the crystal pipeline, TOML presets, and the run directory's resolved `config.toml`.
+
+A config file has one table per config (`[run]`, `[sft]`, `[grpo]`, `[reward]`, `[generator]`, `[sample]`,
+`[relax]`, `[evaluate]`); each command reads the tables it needs. The presets under `configs/` (the demo, its
+quick variant, the paper's settings) are ordinary config files, read by the same loader as `--config`; a file
+may start from another with a top-level `extends = "other.toml"`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from grpo.config import ConfigError, config_differences, load_sections, read_toml, to_toml
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (bad option, missing data, a run directory of other settings): printed as
+    one line, never a traceback."""
+
+
+@dataclass
+class RunConfig:
+    """What a run is made of, besides the optimiser settings."""
+
+    model: str = "tiny"  # path or hub name of a causal LM, or a size name (tiny/small/base) to build fresh
+    data_dir: str | None = None
+    device: str = (
+        "auto"  # auto (CUDA when present), cpu, cuda, cuda:N; under torchrun each rank its local GPU
+    )
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    gradient_checkpointing: bool = False
+    prompt_examples: Literal["paper", "train"] = "paper"
+    train_limit: int | None = None  # cap on training structures read (SFT pairs, tokenizer corpus)
+    tokenizer_vocab_size: int = 2048
+    # Whole-number tokens (" 0.25" is one token) make sequences ~3x shorter than digit-by-digit spelling, which
+    # is what makes CPU training affordable; the vocabulary is large enough to hold every coordinate.
+    tokenizer_split_digits: bool = False
+    # "line": the paper's one-line text. "lines": lattice, then one atom per line; the same tokens plus
+    # newlines, which a small model learns to lay out much sooner (the parser reads both).
+    structure_layout: Literal["line", "lines"] = "line"
+    seed: int = 0
+
+
+@dataclass
+class RewardConfig:
+    # The paper's reward: -E_tot (CHGNet, eV/atom) with -0.1 for invalid text, > 20 atoms or a changed element set.
+    name: str = "chgnet-etot+species"  # a registry name, a "+"-combination, or module:attr
+    max_atoms: int = 20
+    device: str = "cpu"
+
+
+@dataclass
+class SampleConfig:
+    """Sampling for evaluation: `samples_per_formula` structures for each of `num_formulas` formulas of a split."""
+
+    split: Literal["train", "val", "test"] = "test"
+    num_formulas: int = 20
+    samples_per_formula: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 512
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    """How generated structures are judged (the relaxation itself is the `[relax]` table)."""
+
+    relaxer: str = "chgnet"  # chgnet, sevenn or uma
+    train_limit: int | None = None  # novelty against the first N training structures only (None: all)
+    workers: int | None = None  # relaxation processes (None: one per core; 0: in this process)
+
+
+def key_values(items: list[str], option: str) -> dict[str, str]:
+    """{"KEY": "VALUE"} of `KEY=VALUE` strings (e.g. repeated --relaxer-option values)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PipelineError(f"{option} {item!r} must look like KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def preset_path(name: str) -> Path:
+    """configs/NAME.toml of the repository."""
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+        raise PipelineError(f"no preset {name!r} in {PRESETS_DIR}; known: {', '.join(known)}")
+    return path
+
+
+def load_configs(sections: dict[str, type], path: Path | None, overrides: list[str] | None) -> dict:
+    """The named config tables from a TOML file (or defaults) with `table.key=value` overrides."""
+    try:
+        return load_sections(sections, path, overrides or [])
+    except ConfigError as err:
+        raise PipelineError(str(err)) from None
+
+
+def refuse_changed_settings(run_dir: Path, configs: dict, resume: bool) -> None:
+    """A run directory continues only the run that wrote it: resuming with other settings is refused, with the
+    differing keys named (they would mix two experiments in one log and checkpoint series)."""
+    saved_path = run_dir / "config.toml"
+    if not (resume and saved_path.is_file()):
+        return
+    try:
+        saved = read_toml(saved_path)
+    except ConfigError as err:
+        raise PipelineError(f"{run_dir} holds an unreadable config.toml ({err}); use a new --out") from None
+    changed = config_differences(saved, configs)
+    if changed:
+        raise PipelineError(
+            f"{run_dir} holds a run with different settings ({', '.join(changed)}); "
+            "use a new --out, or --no-resume to start it over"
+        )
+
+
+def save_resolved_config(run_dir: Path, configs: dict) -> None:
+    """RUN/config.toml: every setting of the run, written atomically (resume compares against it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.toml.tmp"
+    tmp.write_text(to_toml(configs))
+    tmp.replace(run_dir / "config.toml")

@@ -1,0 +1,380 @@
+"""SFT, GRPO and sampling on crystals: MP-20 structures become prompts and (prompt, structure) pairs, the
+domain-free trainers of `grpo` train on them, a `rewards` callable scores GRPO's samples.
+
+Every function here is what a command runs; the CLI only parses options. A function changes its run directory
+only once everything it needs (data, model, reward) has loaded, so a bad invocation leaves an existing run as it
+was.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from crystals.data import iter_split, split_formulas
+from crystals.prompts import CrystalPrompt, PromptBuilder
+from crystals.text import ParseError, format_structure, parse_structure, read_cif, write_cif
+from grpo.checkpoint import latest_checkpoint
+from grpo.distributed import (
+    barrier,
+    is_main,
+    process_group,
+    resolve_device,
+    save_pretrained_full,
+    setup_sharded,
+)
+from grpo.generation import GeneratorConfig, SamplingConfig, build_generator, decode_responses
+from grpo.models import (
+    MODEL_SIZES,
+    build_small_model,
+    load_model_and_tokenizer,
+    save_model,
+    train_bpe_tokenizer,
+)
+from grpo.sft import SFTConfig, SFTTrainer
+from grpo.trainer import GRPOConfig, GRPOTrainer, PromptItem
+from pipeline.config import PipelineError, RewardConfig, RunConfig, SampleConfig, save_resolved_config
+
+console = Console()
+
+# training structures that serve as the prompt's examples when run.prompt_examples = "train"
+PROMPT_EXAMPLE_POOL = 200
+
+
+# -- data -> text, prompts and pairs ---------------------------------------------------------------------------
+def load_crystal_texts(run: RunConfig, split: str, limit: int | None) -> list[tuple[str, str]]:
+    """(reduced formula, bulk text) of each structure of a split, in the run's text layout."""
+    separator = "\n" if run.structure_layout == "lines" else " "
+    return [
+        (r.formula, format_structure(r.structure, separator=separator))
+        for r in iter_split(split, run.data_dir, limit=limit)
+    ]
+
+
+def prompt_builder(run: RunConfig, train_texts: Sequence[str] | None = None) -> PromptBuilder:
+    """The A.4 prompt builder of a run: the paper's two examples, or two training structures per formula."""
+    if run.prompt_examples == "train":
+        if train_texts is None:
+            train_texts = [t for _, t in load_crystal_texts(run, "train", PROMPT_EXAMPLE_POOL)]
+        return PromptBuilder(examples="train", train_texts=train_texts, seed=run.seed)
+    return PromptBuilder(examples="paper", seed=run.seed)
+
+
+def crystal_prompt_items(formulas: Sequence[str], tokenizer, builder: PromptBuilder) -> list[PromptItem]:
+    """GRPO prompts: the A.4 prompt per formula (chat template applied) with the formula and element set as
+    metadata for the reward."""
+    items = []
+    for formula in formulas:
+        prompt = builder.build(formula)
+        meta = {"formula": prompt.formula, "elements": sorted(prompt.elements)}
+        items.append(PromptItem(prompt.to_text(tokenizer), meta))
+    return items
+
+
+# -- models --------------------------------------------------------------------------------------------------
+def initial_model_source(
+    run: RunConfig, run_dir: Path, train_pairs: list[tuple[str, str]] | None = None
+) -> str:
+    """Path or name of the run's starting model. A size name builds a fresh small Qwen2 with a BPE tokenizer
+    trained on crystal text and the prompt, saved once under run_dir/initial_model (a resumed run reuses it)."""
+    if run.model not in MODEL_SIZES or Path(run.model).exists():
+        return run.model
+    initial = run_dir / "initial_model"
+    if not (initial / "config.json").exists():
+        pairs = train_pairs if train_pairs is not None else load_crystal_texts(run, "train", run.train_limit)
+        builder = prompt_builder(run, [t for _, t in pairs])
+        corpus = [t for _, t in pairs] + [builder.build(f).user_text for f, _ in pairs[:500]]
+        tokenizer = train_bpe_tokenizer(
+            corpus,
+            vocab_size=run.tokenizer_vocab_size,
+            split_digits=run.tokenizer_split_digits,
+            phrases=builder.fixed_phrases(),
+        )
+        save_model(build_small_model(run.model, tokenizer, seed=run.seed), tokenizer, initial)
+    return str(initial)
+
+
+def load_model(run: RunConfig, path: str | Path, *, dtype: str | None = None, trainable: bool = True):
+    """(model, tokenizer) from a path or hub name, on the run's device; a model that cannot be loaded is a
+    PipelineError naming it."""
+    try:
+        device = resolve_device(run.device)
+    except ValueError as err:
+        raise PipelineError(f"run.device: {err}") from None
+    try:
+        return load_model_and_tokenizer(
+            path,
+            dtype=dtype or run.dtype,
+            gradient_checkpointing=trainable and run.gradient_checkpointing,
+            device=device,
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"cannot load model {str(path)!r}: {first_line}") from None
+
+
+def load_policy(run: RunConfig, source: str, checkpoint: Path | None):
+    """The policy to train: the newest checkpoint's weights when resuming, else the starting model."""
+    return load_model(run, checkpoint / "model" if checkpoint is not None else source)
+
+
+def latest_to_resume(out: Path, resume: bool) -> Path | None:
+    return latest_checkpoint(out) if resume else None
+
+
+def build_reward_fn(reward: RewardConfig, data_dir: str | Path | None):
+    """The (metas, texts) -> (rewards, infos) callable; a bad name or missing data is a PipelineError."""
+    from crystals.data import DataError
+    from rewards.base import CrystalTextReward
+    from rewards.registry import resolve_reward
+
+    try:
+        resolved = resolve_reward(reward.name, data_dir=data_dir, device=reward.device)
+    except (ValueError, KeyError, TypeError, ImportError, DataError) as err:
+        raise PipelineError(f"reward {reward.name!r}: {err}") from None
+    return CrystalTextReward(resolved, max_atoms=reward.max_atoms)
+
+
+# -- sft / grpo ----------------------------------------------------------------------------------------------
+def train_and_save(trainer, checkpoint: Path | None, out: Path, label: str, progress: bool) -> Path:
+    """Resume the trainer from `checkpoint` (if any), train to the end, save RUN/final_model. In a sharded run
+    every rank calls this (the final save gathers the shards); rank 0 alone prints and writes."""
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        if is_main():
+            console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
+    elif is_main():
+        trainer.logger.truncate_after(0)  # a fresh start: records of an abandoned earlier run must not mix in
+    trainer.train(progress=progress)
+    final = save_pretrained_full(trainer.model, trainer.tokenizer, out / "final_model")
+    if is_main():
+        console.print(f"{label} done: {trainer.step_count} steps; model saved to {final}")
+    return final
+
+
+def run_sft(
+    run: RunConfig,
+    sft: SFTConfig,
+    out: Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    record: dict | None = None,
+) -> Path:
+    """Supervised fine-tuning into run directory `out` (prompt for a formula -> its ground-truth structure);
+    returns the final model's path. `record`: configs to write to RUN/config.toml once everything loaded."""
+    checkpoint = latest_to_resume(out, resume)
+    train_pairs = load_crystal_texts(run, "train", run.train_limit)
+    policy, tokenizer = load_policy(run, initial_model_source(run, out, train_pairs), checkpoint)
+    val_pairs = load_crystal_texts(run, "val", sft.eval_samples)
+    builder = prompt_builder(run, [t for _, t in train_pairs])
+    trainer = SFTTrainer(
+        model=policy,
+        tokenizer=tokenizer,
+        train_pairs=[(builder.build(f).to_text(tokenizer), t) for f, t in train_pairs],
+        eval_pairs=[(builder.build(f).to_text(tokenizer), t) for f, t in val_pairs],
+        config=sft,
+        run_dir=out,
+        console_log=progress,
+    )
+    if record is not None:
+        save_resolved_config(out, record)
+    return train_and_save(trainer, checkpoint, out, "SFT", progress)
+
+
+def run_grpo(
+    run: RunConfig,
+    grpo: GRPOConfig,
+    generator_config: GeneratorConfig,
+    reward_fn,
+    out: Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    record: dict | None = None,
+) -> Path:
+    """GRPO into run directory `out` on the training split's formulas; returns the final model's path.
+    `record`: configs to write to RUN/config.toml once everything loaded.
+
+    Under `torchrun --nproc-per-node N` every process runs this: the policy and the reference model are
+    sharded with FSDP2 (grpo.distributed) and each rank samples its share of the step's prompts."""
+    with process_group() as sharded:  # LaunchError: accelerate launch with FSDP on CPU
+        if sharded and generator_config.kind != "hf":
+            raise PipelineError(
+                f"generator {generator_config.kind!r} with a sharded (torchrun) run is not supported; "
+                "use generator.kind=hf"
+            )
+        checkpoint = latest_to_resume(out, resume)
+        if is_main():  # builds RUN/initial_model once for a size name; the other ranks then read it
+            initial_model_source(run, out)
+        barrier()
+        source = initial_model_source(run, out)
+        policy, tokenizer = load_policy(run, source, checkpoint)
+        formulas = split_formulas("train", run.data_dir, seed=run.seed, limit=run.train_limit)
+        ref_model = None
+        if grpo.kl_coef > 0:  # the frozen starting model, for the KL term
+            ref_model, _ = load_model(run, source, trainable=False)
+            ref_model.requires_grad_(False)
+        if sharded:
+            setup_sharded(policy, ref_model)
+        prompts = crystal_prompt_items(formulas, tokenizer, prompt_builder(run))
+        if record is not None and is_main():
+            save_resolved_config(out, record)
+        try:
+            generator = build_generator(generator_config, policy, tokenizer, out / "vllm_weights")
+        except ImportError as err:
+            raise PipelineError(str(err)) from None
+        trainer = GRPOTrainer(
+            model=policy,
+            tokenizer=tokenizer,
+            generator=generator,
+            prompts=prompts,
+            reward_fn=reward_fn,
+            config=grpo,
+            run_dir=out,
+            ref_model=ref_model,
+            console_log=progress,
+        )
+        try:
+            return train_and_save(trainer, checkpoint, out, "GRPO", progress)
+        finally:
+            if hasattr(generator, "close"):
+                generator.close()
+
+
+# -- sampling ------------------------------------------------------------------------------------------------
+def sample_record(prompt: CrystalPrompt, sample_id: str, text: str) -> dict:
+    """One JSON-ready sample: id, formula, text, parse status and CIF (None when the text does not parse)."""
+    record = {"id": sample_id, "formula": prompt.formula, "text": text}
+    try:
+        record |= {"parse": "ok", "cif": write_cif(parse_structure(text))}
+    except ParseError as err:
+        record |= {"parse": err.reason, "cif": None}
+    return record
+
+
+def generate_samples(
+    policy,
+    tokenizer,
+    formulas: Sequence[str],
+    sample: SampleConfig,
+    builder: PromptBuilder,
+    batch_size: int = 64,
+) -> list[dict]:
+    """`sample.samples_per_formula` structures per formula, one record each (see `sample_record`)."""
+    from grpo.generation import HFGenerator
+
+    generator = HFGenerator(policy, tokenizer, batch_size=batch_size)
+    n = sample.samples_per_formula
+    records = []
+    per_call = max(1, batch_size // n)
+    for start in range(0, len(formulas), per_call):
+        prompts = [builder.build(f) for f in formulas[start : start + per_call]]
+        sampling = SamplingConfig(
+            temperature=sample.temperature, max_new_tokens=sample.max_new_tokens, seed=sample.seed + start
+        )
+        rollout = generator.generate([p.to_text(tokenizer) for p in prompts], n, sampling)
+        for i, text in enumerate(decode_responses(tokenizer, rollout)):
+            sample_id = f"{prompts[i // n].formula}-{start + i // n}-{i % n}"
+            records.append(sample_record(prompts[i // n], sample_id, text))
+    return records
+
+
+def parse_summary(records: Sequence[dict]) -> str:
+    """'11/16 samples parse as crystals (69%)'."""
+    parsed = sum(r["parse"] == "ok" for r in records)
+    return f"{parsed}/{len(records)} samples parse as crystals ({parsed / max(1, len(records)):.0%})"
+
+
+def write_samples(
+    run: RunConfig, model: str | Path, sample: SampleConfig, out: Path, formulas: Sequence[str] | None = None
+) -> list[dict]:
+    """Sample from a saved model for `formulas` (default: the sample config's split) and write the records to
+    JSONL atomically (temp file + rename)."""
+    if formulas is None:
+        formulas = split_formulas(sample.split, run.data_dir, seed=sample.seed, limit=sample.num_formulas)
+    policy, tokenizer = load_model(run, model, dtype="auto", trainable=False)
+    builder = prompt_builder(run)
+    records = generate_samples(policy, tokenizer, formulas, sample, builder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out)
+    return records
+
+
+# -- structure files -----------------------------------------------------------------------------------------
+def read_structure_file(path: Path):
+    """A structure from a CIF file or a bulk-text file."""
+    text = path.read_text()
+    if path.suffix.lower() == ".cif" or "_cell_length_a" in text:
+        return read_cif(text)
+    return parse_structure(text)
+
+
+def check_files(files: Sequence[Path], max_atoms: int) -> tuple[list[tuple], list[str]]:
+    """(path, formula, atoms, [CDVAE, covalent, SMACT, atom-count checks]) of each readable structure file, and
+    a line per file that could not be read."""
+    from crystals.validity import (
+        check_atom_count,
+        check_composition_smact,
+        check_structure_cdvae,
+        check_structure_covalent,
+    )
+
+    rows, problems = [], []
+    for path in files:
+        try:
+            structure = read_structure_file(path)
+        except OSError as err:
+            problems.append(f"{path}: unreadable ({err.strerror or err})")
+            continue
+        except (ParseError, ValueError) as err:
+            problems.append(f"{path}: not a structure ({err})")
+            continue
+        checks = [
+            check_structure_cdvae(structure),
+            check_structure_covalent(structure),
+            check_composition_smact(structure.composition),
+            check_atom_count(structure, max_atoms),
+        ]
+        rows.append((path, structure.composition.reduced_formula, len(structure), checks))
+    return rows, problems
+
+
+def read_samples(path: Path) -> list[tuple[str | None, str]]:
+    """(prompt formula or None, structure text) from a JSONL of samples, a CIF or a bulk-text file."""
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [(row.get("formula"), row.get("text") or "") for row in rows]
+    text = path.read_text()
+    if path.suffix.lower() == ".cif" or "_cell_length_a" in text:
+        return [(None, format_structure(read_cif(text)))]
+    return [(None, text)]
+
+
+def score_files(files: Sequence[Path], reward_fn) -> list[tuple[str, str, float, str]]:
+    """(sample name, formula, reward, penalty) of every structure in `files` (text, CIF or samples JSONL)."""
+    metas, texts, names = [], [], []
+    for path in files:
+        try:
+            rows = read_samples(path)
+        except (OSError, ValueError, ParseError) as err:
+            raise PipelineError(f"cannot read {path}: {err}") from None
+        for i, (formula, text) in enumerate(rows):
+            if formula is None:
+                try:
+                    formula = parse_structure(text).composition.reduced_formula
+                except ParseError:
+                    formula = "H"  # unparseable text: scored as a parse error whatever the prompt
+            metas.append({"formula": formula})
+            texts.append(text)
+            names.append(f"{path.name}#{i}" if len(rows) > 1 else path.name)
+    rewards, infos = reward_fn(metas, texts)
+    return [
+        (name, meta["formula"], value, str(info.get("penalty") or ""))
+        for name, meta, value, info in zip(names, metas, rewards, infos, strict=True)
+    ]
