@@ -1,7 +1,7 @@
 """The paper's Table 1 and Table 2 metrics, and a few it does not report, for one set of generated samples.
 
 Table 1 (stability, after relaxation; section 5.2). For every relaxed structure, with the relaxer's final
-energy E (eV/atom) put on the MP-20 hull by ``rewards.hull.EnergyToHull``:
+energy E (eV/atom) put on the MP-20 hull by ``crystals.hull.EnergyToHull``:
 
     E_hull = E_f(relaxed) - E_f(hull at that composition),   E_f = formation energy per atom
 
@@ -63,6 +63,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
 
 from crystals.data import load_split_frame, resolve_data_dir, split_path
+from crystals.hull import META_FILE, EnergyToHull, default_cache_dir, file_sha256
 from crystals.validity import (
     check_composition_smact,
     check_species,
@@ -72,7 +73,6 @@ from crystals.validity import (
 from evaluation.relax import limit_threads, structure_from_record
 from rewards.base import Sample
 from rewards.diversity import NoveltyReward
-from rewards.hull import META_FILE, EnergyToHull, default_cache_dir, file_sha256
 from rewards.potential import GuardConfig, guard_structure
 
 METASTABLE_EV = 0.1  # eV/atom, the paper's metastability threshold (and MatterGen's S.U.N. "stable")

@@ -15,7 +15,7 @@ past ``timeout_s`` (its worker is killed and replaced) each become a record with
 reason in ``error``.
 
 Calculators come from ``RELAXERS``: a factory function run once in each worker plus the energy scale its
-energies are on (needed to put them on the MP-20 hull, see ``rewards.hull``). Adding one is one factory and
+energies are on (needed to put them on the MP-20 hull, see ``crystals.hull``). Adding one is one factory and
 one registry entry.
 """
 

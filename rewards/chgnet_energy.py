@@ -4,7 +4,7 @@
 
 Lower energy is better, hence the sign. CHGNet 0.3.0 (shipped with chgnet 0.4.x) was trained on MPtrj
 energies that already include the MP2020 anion/U corrections, so its energies are on the corrected MP scale
-(``energy_scale = "mp2020_corrected"``; see rewards/hull.py for the check against MP-20).
+(``energy_scale = "mp2020_corrected"``; see crystals/hull.py for the check against MP-20).
 
 Inference is batched: graphs are built per structure (so a structure the graph converter rejects, e.g.
 isolated atoms, fails alone) and then evaluated ``batch_size`` at a time with energy only (no forces, no

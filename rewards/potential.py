@@ -46,7 +46,7 @@ T = TypeVar("T")
 
 # Which energy scale a potential predicts, needed to put its energies on the MP-20 hull:
 # "mp2020_corrected": MP GGA/GGA+U energies with MP2020 corrections included (CHGNet 0.3.0, measured: see
-#   tests/test_rewards_hull.py); "mp_uncorrected": raw MP GGA/GGA+U energies, the correction must be added
+#   tests/test_hull.py); "mp_uncorrected": raw MP GGA/GGA+U energies, the correction must be added
 #   (SevenNet-0, measured: it sits ~0.2 eV/atom above CHGNet on sulfides and selenides, by exactly the
 #   MP2020 anion corrections, see tests/test_evaluation.py);
 # "other": any other DFT setup (UMA/OMat24), not comparable with MP formation energies.
