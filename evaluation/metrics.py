@@ -64,6 +64,7 @@ from pymatgen.core import Composition, Structure
 
 from crystals.data import load_split_frame, resolve_data_dir, split_path
 from crystals.hull import META_FILE, EnergyToHull, default_cache_dir, file_sha256
+from crystals.sample import Sample
 from crystals.validity import (
     check_composition_smact,
     check_species,
@@ -71,7 +72,6 @@ from crystals.validity import (
     check_structure_covalent,
 )
 from evaluation.relax import limit_threads, structure_from_record
-from rewards.base import Sample
 from rewards.diversity import NoveltyReward
 from rewards.potential import GuardConfig, guard_structure
 

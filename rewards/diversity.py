@@ -24,7 +24,8 @@ from typing import Literal
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
-from rewards.base import RewardOutput, Sample
+from crystals.sample import Sample
+from rewards.base import RewardOutput
 from rewards.potential import structure_key
 
 

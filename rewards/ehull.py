@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from crystals.hull import EnergyToHull
-from rewards.base import Sample
+from crystals.sample import Sample
 from rewards.chgnet_energy import CHGNetPotential
 from rewards.penalties import Penalties, PenaltyConfig
 from rewards.potential import EnergyResult, GuardConfig, Potential, PotentialReward

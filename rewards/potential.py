@@ -38,7 +38,8 @@ from typing import Any, Literal, Protocol, TypeVar
 import numpy as np
 from pymatgen.core import Structure
 
-from rewards.base import RewardOutput, Sample
+from crystals.sample import Sample
+from rewards.base import RewardOutput
 from rewards.penalties import Penalties, PenaltyConfig, make_penalties
 
 log = logging.getLogger(__name__)

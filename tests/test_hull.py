@@ -26,7 +26,8 @@ from crystals.hull import (
     hull_data_paths,
     mp2020_corrected_energy,
 )
-from rewards.base import CrystalTextReward, Sample
+from crystals.sample import Sample
+from rewards.base import CrystalTextReward
 from rewards.ehull import EHullReward
 
 N_ROWS = 300  # rows checked against the data's e_above_hull_mp20hull column

@@ -25,7 +25,7 @@ from crystals.hull import (
     packaged_hull_files,
 )
 from crystals.hull_data.build import build
-from rewards.base import Sample
+from crystals.sample import Sample
 from rewards.registry import resolve_reward
 
 N_ROWS = 300  # MP-20 test rows checked against the data's e_above_hull_mp20hull column

@@ -14,9 +14,10 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.core.operations import SymmOp
 
 from crystals.data import iter_split
+from crystals.sample import Sample
 from crystals.text import parse_structure
 from rewards.ase_calculator import ASECalculatorReward, sevenn_calculator, uma_calculator
-from rewards.base import CrystalTextReward, Sample
+from rewards.base import CrystalTextReward
 from rewards.chgnet_energy import CHGNetEnergyReward, CHGNetPotential, load_chgnet
 from rewards.penalties import PenaltyConfig
 from rewards.potential import GuardConfig, guard_structure, structure_key
