@@ -14,25 +14,14 @@ autograd). Guarding, caching and failure isolation come from ``rewards.potential
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from typing import Any
 
 from pymatgen.core import Structure
 
+from crystals.guard import GuardConfig
+from crystals.potentials import load_chgnet
 from rewards.penalties import Penalties, PenaltyConfig
-from rewards.potential import EnergyReward, GuardConfig
-
-
-def load_chgnet(model_name: str = "0.3.0", device: str | None = None):
-    """The pretrained CHGNet, loaded once per (model, device) per process (loading takes ~1 s)."""
-    return _load_chgnet(model_name, device)  # positional: lru_cache keys differ for f() and f("0.3.0")
-
-
-@lru_cache(maxsize=4)
-def _load_chgnet(model_name: str, device: str | None):
-    from chgnet.model import CHGNet
-
-    return CHGNet.load(model_name=model_name, use_device=device, verbose=False)
+from rewards.potential import EnergyReward
 
 
 class CHGNetPotential:

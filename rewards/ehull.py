@@ -20,11 +20,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from crystals.guard import GuardConfig
 from crystals.hull import EnergyToHull
 from crystals.sample import Sample
 from rewards.chgnet_energy import CHGNetPotential
 from rewards.penalties import Penalties, PenaltyConfig
-from rewards.potential import EnergyResult, GuardConfig, Potential, PotentialReward
+from rewards.potential import EnergyResult, Potential, PotentialReward
 
 
 class EHullReward(PotentialReward):
