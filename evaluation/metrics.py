@@ -1,7 +1,7 @@
 """The paper's Table 1 and Table 2 metrics, and a few it does not report, for one set of generated samples.
 
 Table 1 (stability, after relaxation; section 5.2). For every relaxed structure, with the relaxer's final
-energy E (eV/atom) put on the MP-20 hull by ``rewards.hull.EnergyToHull``:
+energy E (eV/atom) put on the MP-20 hull by ``crystals.hull.EnergyToHull``:
 
     E_hull = E_f(relaxed) - E_f(hull at that composition),   E_f = formation energy per atom
 
@@ -38,7 +38,7 @@ Beyond the paper:
 - S.U.N. rate (MatterGen): share of all samples whose relaxed structure is stable (E_hull < 0.1 eV/atom,
   MatterGen's threshold; ``sun_rate_hull0`` uses E_hull <= 0), unique (the first of its class among the
   relaxed structures) and novel (no training structure of the same reduced formula matches it,
-  ``rewards.diversity.NoveltyReward``). ``sun_rate_new_composition`` asks for a reduced formula absent
+  ``crystals.matching.KnownStructures``). ``sun_rate_new_composition`` asks for a reduced formula absent
   from the training set instead, which also covers training rows without a stored structure;
 - heavy-atom fraction: mean share of a structure's atoms with Z >= 37 (period 5 and beyond), next to the
   same share in the prompt formulas and the mean atomic mass of both. The paper's E_tot reward can be
@@ -63,6 +63,10 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
 
 from crystals.data import load_split_frame, resolve_data_dir, split_path
+from crystals.guard import GuardConfig, guard_structure
+from crystals.hull import META_FILE, EnergyToHull, default_cache_dir, file_sha256
+from crystals.matching import KnownStructures
+from crystals.sample import Sample
 from crystals.validity import (
     check_composition_smact,
     check_species,
@@ -70,10 +74,6 @@ from crystals.validity import (
     check_structure_covalent,
 )
 from evaluation.relax import limit_threads, structure_from_record
-from rewards.base import Sample
-from rewards.diversity import NoveltyReward
-from rewards.hull import META_FILE, EnergyToHull, default_cache_dir, file_sha256
-from rewards.potential import GuardConfig, guard_structure
 
 METASTABLE_EV = 0.1  # eV/atom, the paper's metastability threshold (and MatterGen's S.U.N. "stable")
 STABLE_EV = 0.0
@@ -311,17 +311,16 @@ class TrainingReference:
         return (x - mean) / std
 
     @functools.cached_property
-    def novelty(self) -> NoveltyReward:
+    def novelty(self) -> KnownStructures:
         """StructureMatcher novelty against the training structures of the same reduced formula."""
         if self.limit is None:
-            return NoveltyReward(data_dir=self.data_dir)  # parses a formula's CIFs when first asked
+            return KnownStructures(data_dir=self.data_dir)  # parses a formula's CIFs when first asked
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return NoveltyReward([Structure.from_str(cif, fmt="cif") for cif in self.frame["cif"]])
+            return KnownStructures([Structure.from_str(cif, fmt="cif") for cif in self.frame["cif"]])
 
     def novel_structures(self, structures: Sequence[Structure]) -> list[bool]:
-        out = self.novelty([Sample.from_structure(s) for s in structures])
-        return [bool(info["novel"]) for info in out.infos]
+        return [self.novelty.is_novel(s) for s in structures]
 
 
 # ---------------------------------------------------------------------------------------------------------

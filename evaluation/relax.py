@@ -9,13 +9,13 @@ share one convergence test) until every generalised force is below ``fmax`` (0.0
 calculator once and runs torch and BLAS on one thread, so W workers use W cores without oversubscription).
 Every result is appended to a JSONL file keyed by sample id as soon as it arrives, so a killed run resumes
 where it stopped: ids already in the file are skipped (a torn last line is dropped, see ``evaluation.jsonl``).
-A structure never aborts the run: a cell the potential cannot handle (``rewards.potential.guard_structure``),
+A structure never aborts the run: a cell the potential cannot handle (``crystals.guard.guard_structure``),
 an exception or a non-finite energy, a worker that dies (segfault, out of memory) and a relaxation that runs
 past ``timeout_s`` (its worker is killed and replaced) each become a record with ``ok: false`` and the
 reason in ``error``.
 
 Calculators come from ``RELAXERS``: a factory function run once in each worker plus the energy scale its
-energies are on (needed to put them on the MP-20 hull, see ``rewards.hull``). Adding one is one factory and
+energies are on (needed to put them on the MP-20 hull, see ``crystals.hull``). Adding one is one factory and
 one registry entry.
 """
 
@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Lattice, Structure
 
+from crystals import potentials
+from crystals.guard import GuardConfig, guard_structure
 from evaluation.jsonl import JsonlAppender, read_jsonl
-from rewards.potential import GuardConfig, guard_structure
 
 UMA_CHECKPOINT_ENV = "CRYSTAL_GRPO_UMA_CHECKPOINT"
 _POLL_S = 0.5  # how often the pool looks at the clock for timeouts when no message arrives
@@ -132,33 +133,15 @@ def relax_structure(structure: Structure, calculator: Any, config: RelaxConfig =
 @dataclass(frozen=True)
 class Relaxer:
     """``factory(**options)`` builds the ASE calculator (in each worker); ``energy_scale`` is one of
-    ``rewards.potential.EnergyScale`` ("mp2020_corrected", "mp_uncorrected", "other")."""
+    ``crystals.potentials.EnergyScale`` ("mp2020_corrected", "mp_uncorrected", "other")."""
 
     factory: Callable[..., Any]
     energy_scale: str
     description: str
 
 
-def chgnet_calculator(model_name: str = "0.3.0", device: str | None = None) -> Any:
-    """CHGNet's ASE calculator (weights ship with the chgnet package); device None picks CUDA if present."""
-    from chgnet.model.dynamics import CHGNetCalculator
-
-    from rewards.chgnet_energy import load_chgnet
-
-    return CHGNetCalculator(model=load_chgnet(model_name, device), use_device=device)
-
-
-def sevenn_calculator(model: str = "7net-0", device: str = "cpu") -> Any:
-    """SevenNet (pretrained name or checkpoint path); ImportError naming the extra when not installed."""
-    from rewards.ase_calculator import sevenn_calculator as build
-
-    return build(model, device)
-
-
 def uma_calculator(checkpoint: str | Path | None = None, task_name: str = "omat", device: str = "cpu") -> Any:
     """UMA from a local checkpoint file (``checkpoint`` or $CRYSTAL_GRPO_UMA_CHECKPOINT); never downloads."""
-    from rewards.ase_calculator import uma_calculator as build
-
     checkpoint = checkpoint or os.environ.get(UMA_CHECKPOINT_ENV)
     if not checkpoint or not Path(checkpoint).expanduser().is_file():
         where = f"{checkpoint} does not exist" if checkpoint else "no checkpoint given"
@@ -169,15 +152,17 @@ def uma_calculator(checkpoint: str | Path | None = None, task_name: str = "omat"
             f"pass checkpoint=DIR/checkpoints/uma-s-1p1.pt or set {UMA_CHECKPOINT_ENV}. It also needs "
             "fairchem-core: pip install 'crystal-grpo[uma]'."
         )
-    return build(Path(checkpoint).expanduser(), task_name, device)
+    return potentials.uma_calculator(Path(checkpoint).expanduser(), task_name, device)
 
 
 RELAXERS: dict[str, Relaxer] = {
     "chgnet": Relaxer(
-        chgnet_calculator, "mp2020_corrected", "CHGNet 0.3.0 (default; weights ship with chgnet)"
+        potentials.chgnet_calculator, "mp2020_corrected", "CHGNet 0.3.0 (default; weights ship with chgnet)"
     ),
     "sevenn": Relaxer(
-        sevenn_calculator, "mp_uncorrected", "SevenNet-0, an independent MPtrj potential (extra: sevenn)"
+        potentials.sevenn_calculator,
+        "mp_uncorrected",
+        "SevenNet-0, an independent MPtrj potential (extra: sevenn)",
     ),
     "uma": Relaxer(uma_calculator, "other", "UMA (paper's relaxer) from a local checkpoint (extra: uma)"),
 }

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from crystals.hull import EnergyToHull
+from crystals.sample import Sample, elements_of
 from crystals.text import ParseError, read_cif, write_cif
 from evaluation.jsonl import jsonable, read_jsonl
 from evaluation.metrics import HULL_NAME, METASTABLE_EV, TrainingReference, compute_metrics
 from evaluation.relax import RelaxConfig, default_workers, get_relaxer, relax_many, structure_from_record
-from rewards.base import Sample, elements_of
-from rewards.hull import EnergyToHull
 
 MAX_ATOMS = 500  # parser limit for evaluation: raw outputs are judged as written (the RL penalty stops at 20)
 

@@ -5,17 +5,10 @@
 ``ASECalculatorReward`` = reward -E per atom (or per cell) with the same gate, guard, cache and failure
 isolation as ``CHGNetEnergyReward``; ``EHullReward(potential=ASEPotential(...))`` gives E_hull.
 
-Ready-made calculators (imported lazily; a clear ImportError names the extra to install):
-
-- ``sevenn_calculator(model="7net-0")``: SevenNet (``pip install 'crystal-grpo[sevenn]'``). 7net-0 is
-  trained on MPtrj like CHGNet, but on its raw GGA/GGA+U energies: MP2020 corrections must be added
-  before E_hull (``energy_scale="mp_uncorrected"``; measured, see tests/test_evaluation.py).
-- ``uma_calculator(checkpoint, task_name="omat")``: UMA from a local checkpoint file via fairchem
-  (``pip install 'crystal-grpo[uma]'``). OMat24/UMA energies are on their own DFT scale (other
-  pseudopotentials, no MP corrections): fairchem warns against MP2020 corrections and MP references with
-  them, so they are tagged ``energy_scale="other"`` and ``EHullReward`` refuses them on the MP-20 hull.
-
-The energy scale matters only for E_hull; for -E_tot any calculator works.
+``SevenNetEnergyReward`` and ``UMAEnergyReward`` use the ready-made calculators of ``crystals.potentials``
+(SevenNet-0 on the raw MP scale, ``energy_scale="mp_uncorrected"``; UMA on the OMat24 scale, "other",
+which ``EHullReward`` refuses on the MP-20 hull). The energy scale matters only for E_hull; for -E_tot any
+calculator works.
 """
 
 from __future__ import annotations
@@ -26,35 +19,10 @@ from typing import Any
 
 from pymatgen.core import Structure
 
+from crystals.guard import GuardConfig
+from crystals.potentials import EnergyScale, sevenn_calculator, uma_calculator
 from rewards.penalties import Penalties, PenaltyConfig
-from rewards.potential import EnergyReward, EnergyScale, GuardConfig
-
-
-def _missing(package: str, extra: str, exc: ImportError) -> ImportError:
-    return ImportError(
-        f"{package} is not installed; install it with: pip install 'crystal-grpo[{extra}]' ({exc})"
-    )
-
-
-def sevenn_calculator(model: str = "7net-0", device: str = "cpu") -> Any:
-    """SevenNet's ASE calculator for a pretrained model name or a checkpoint path."""
-    try:
-        from sevenn.calculator import SevenNetCalculator
-    except ImportError as exc:
-        raise _missing("SevenNet (sevenn)", "sevenn", exc) from exc
-    return SevenNetCalculator(model=model, device=device)
-
-
-def uma_calculator(checkpoint: str | Path, task_name: str = "omat", device: str = "cpu") -> Any:
-    """fairchem's ASE calculator for a local UMA checkpoint (no download)."""
-    try:
-        from fairchem.core import FAIRChemCalculator, pretrained_mlip
-    except ImportError as exc:
-        raise _missing("fairchem-core", "uma", exc) from exc
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"UMA checkpoint not found: {checkpoint}")
-    predictor = pretrained_mlip.load_predict_unit(str(checkpoint), device=device)
-    return FAIRChemCalculator(predictor, task_name=task_name)
+from rewards.potential import EnergyReward
 
 
 class ASEPotential:

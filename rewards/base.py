@@ -1,9 +1,8 @@
 """The reward interface: a batch of samples in, one finite float and one info dict per sample out.
 
-A *sample* is one completion for one prompt: the prompt's formula and element set, the generated text and
-its parse (a pymatgen ``Structure``, or the ``ParseError`` reason). A *reward* maps a batch of samples to
-``RewardOutput(rewards, infos)``. Batching is the default because potentials are fastest on batches; a
-plain per-sample function is adapted by ``FunctionReward``.
+A *sample* (``crystals.sample.Sample``) is one completion for one prompt. A *reward* maps a batch of
+samples to ``RewardOutput(rewards, infos)``. Batching is the default because potentials are fastest on
+batches; a plain per-sample function is adapted by ``FunctionReward``.
 
 ``CrystalTextReward`` is what the GRPO trainer calls with ``(metas, texts)``. It parses every text and
 guarantees the contract the trainer relies on, whatever the wrapped reward does:
@@ -27,56 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from pymatgen.core import Composition, Structure
-
-from crystals.text import ParseError, format_structure, parse_structure
+from crystals.sample import Sample
 
 log = logging.getLogger(__name__)
 
 # The paper's penalty (-0.1) for an unusable generation; rewards may expose their own `failure_penalty`.
 DEFAULT_FAILURE_PENALTY = -0.1
-
-
-def elements_of(formula: str) -> frozenset[str]:
-    """Element symbols of a formula, e.g. "Fe2O3" -> {"Fe", "O"}."""
-    return frozenset(el.symbol for el in Composition(formula).elements)
-
-
-@dataclass
-class Sample:
-    """One generated crystal for one prompt.
-
-    ``structure`` is None exactly when the text did not parse; ``parse_error`` then holds the parser's
-    machine-readable reason (e.g. "bad_lattice", "too_many_atoms").
-    """
-
-    formula: str
-    elements: frozenset[str]
-    text: str
-    structure: Structure | None
-    parse_error: str | None = None
-
-    @classmethod
-    def from_text(
-        cls, formula: str, text: str, max_atoms: int = 20, elements: frozenset[str] | None = None
-    ) -> Sample:
-        """Parse ``text``; more than ``max_atoms`` atoms is the parse error "too_many_atoms"."""
-        elements = elements_of(formula) if elements is None else frozenset(elements)
-        try:
-            structure = parse_structure(text, max_atoms=max_atoms)
-        except ParseError as exc:
-            return cls(formula, elements, text, None, exc.reason)
-        return cls(formula, elements, text, structure, None)
-
-    @classmethod
-    def from_structure(
-        cls, structure: Structure, formula: str | None = None, elements: frozenset[str] | None = None
-    ) -> Sample:
-        """A sample for an already-built structure (evaluation, CIF files); the prompt defaults to its own
-        reduced formula."""
-        formula = structure.composition.reduced_formula if formula is None else formula
-        elements = elements_of(formula) if elements is None else frozenset(elements)
-        return cls(formula, elements, format_structure(structure), structure, None)
 
 
 @dataclass

@@ -4,7 +4,7 @@
 
 Lower energy is better, hence the sign. CHGNet 0.3.0 (shipped with chgnet 0.4.x) was trained on MPtrj
 energies that already include the MP2020 anion/U corrections, so its energies are on the corrected MP scale
-(``energy_scale = "mp2020_corrected"``; see rewards/hull.py for the check against MP-20).
+(``energy_scale = "mp2020_corrected"``; see crystals/hull.py for the check against MP-20).
 
 Inference is batched: graphs are built per structure (so a structure the graph converter rejects, e.g.
 isolated atoms, fails alone) and then evaluated ``batch_size`` at a time with energy only (no forces, no
@@ -14,25 +14,14 @@ autograd). Guarding, caching and failure isolation come from ``rewards.potential
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from typing import Any
 
 from pymatgen.core import Structure
 
+from crystals.guard import GuardConfig
+from crystals.potentials import load_chgnet
 from rewards.penalties import Penalties, PenaltyConfig
-from rewards.potential import EnergyReward, GuardConfig
-
-
-def load_chgnet(model_name: str = "0.3.0", device: str | None = None):
-    """The pretrained CHGNet, loaded once per (model, device) per process (loading takes ~1 s)."""
-    return _load_chgnet(model_name, device)  # positional: lru_cache keys differ for f() and f("0.3.0")
-
-
-@lru_cache(maxsize=4)
-def _load_chgnet(model_name: str, device: str | None):
-    from chgnet.model import CHGNet
-
-    return CHGNet.load(model_name=model_name, use_device=device, verbose=False)
+from rewards.potential import EnergyReward
 
 
 class CHGNetPotential:

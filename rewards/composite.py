@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rewards.base import Reward, RewardOutput, Sample
+from crystals.sample import Sample
+from rewards.base import Reward, RewardOutput
 
 
 class Composite:

@@ -11,7 +11,7 @@ formulas never match) or, with ``method="exact"``, an identical ``structure_key`
 site order and 1e-4 rounding; much cheaper). Unparsed samples get 0 (they are already penalised).
 
 ``NoveltyReward``: 1 when no training structure with the same reduced formula matches the sample under
-``StructureMatcher``, else 0 (unparsed samples: 0). Training CIFs are parsed on demand, per formula.
+``StructureMatcher``, else 0 (unparsed samples: 0); ``crystals.matching.KnownStructures`` decides.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from typing import Literal
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
-from rewards.base import RewardOutput, Sample
-from rewards.potential import structure_key
+from crystals.matching import KnownStructures, structure_key
+from crystals.sample import Sample
+from rewards.base import RewardOutput
 
 
 class DiversityReward:
@@ -84,30 +85,12 @@ class NoveltyReward:
         self, train_structures: Iterable[Structure] | None = None, data_dir: str | Path | None = None
     ):
         """Training structures given explicitly, or the "train" split of ``data_dir`` (CIFs parsed lazily)."""
-        self.matcher = StructureMatcher()
-        self._parsed: dict[str, list[Structure]] = defaultdict(list)
-        self._cifs: dict[str, list[str]] = {}
-        if train_structures is not None:
-            for s in train_structures:
-                self._parsed[s.composition.reduced_formula].append(s)
-        else:
-            from crystals.data import load_split_frame
-
-            frame = load_split_frame("train", data_dir)
-            self._cifs = frame.groupby("reduced_formula")["cif"].apply(list).to_dict()
-
-    def _known(self, formula: str) -> list[Structure]:
-        if formula in self._cifs:  # parse a formula's training CIFs the first time it is asked for
-            self._parsed[formula] += [Structure.from_str(cif, fmt="cif") for cif in self._cifs.pop(formula)]
-        return self._parsed.get(formula, [])
+        self.known = KnownStructures(train_structures, data_dir)
 
     def __call__(self, samples: Sequence[Sample]) -> RewardOutput:
         rewards, infos = [], []
         for sample in samples:
-            novel = sample.structure is not None and not any(
-                self.matcher.fit(sample.structure, known)
-                for known in self._known(sample.structure.composition.reduced_formula)
-            )
+            novel = sample.structure is not None and self.known.is_novel(sample.structure)
             rewards.append(float(novel))
             infos.append({"novel": novel})
         return RewardOutput(rewards, infos)

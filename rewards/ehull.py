@@ -1,6 +1,6 @@
 """The paper's future-work reward: minus the energy above the MP-20 convex hull.
 
-    reward = -min(E_hull, clip)   [eV/atom],   E_hull from rewards.hull.EnergyToHull
+    reward = -min(E_hull, clip)   [eV/atom],   E_hull from crystals.hull.EnergyToHull
 
 E_hull is computed for the generated (unrelaxed) structure, or after ``relax_steps`` FIRE steps when
 given. Unlike -E_tot it cannot be gamed by switching to heavier elements: the competing phases' energies
@@ -20,11 +20,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from rewards.base import Sample
+from crystals.guard import GuardConfig
+from crystals.hull import EnergyToHull
+from crystals.sample import Sample
 from rewards.chgnet_energy import CHGNetPotential
-from rewards.hull import EnergyToHull
 from rewards.penalties import Penalties, PenaltyConfig
-from rewards.potential import EnergyResult, GuardConfig, Potential, PotentialReward
+from rewards.potential import EnergyResult, Potential, PotentialReward
 
 
 class EHullReward(PotentialReward):

@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
+from crystals.sample import Sample
 from crystals.validity import check_atom_count, check_species, check_structure_cdvae, check_structure_covalent
-from rewards.base import RewardOutput, Sample
+from rewards.base import RewardOutput
 
 
 @dataclass(frozen=True)

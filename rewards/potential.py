@@ -4,12 +4,11 @@ A ``Potential`` (CHGNet, any ASE calculator) only knows two steps: ``prepare(str
 graph or ASE Atoms) and ``predict(prepared_batch) -> [eV/atom]`` (batched). ``EnergyEvaluator`` wraps them
 so that one bad structure costs only its own reward:
 
-1. ``guard_structure`` rejects cells that would make the neighbour list explode or be meaningless before
-   any potential code runs: non-finite or ~0 volume, huge cells (isolated atoms at the cutoff), a density
-   that implies too many neighbours within the cutoff, or a cell so skewed that the number of periodic
-   images to search explodes (images ~ prod_i (2*ceil(r_cut / w_i) + 1), w_i the cell's plane spacings).
-2. Cache: results are keyed by ``structure_key`` (rounded lattice parameters + sorted species/fractional
-   coordinates, so rotations, site order and repeated generations hit the cache).
+1. ``crystals.guard.guard_structure`` rejects cells that would make the neighbour list explode or be
+   meaningless before any potential code runs (non-finite or ~0 volume, huge cells, too many neighbours
+   or periodic images within the cutoff).
+2. Cache: results are keyed by ``crystals.matching.structure_key`` (rounded lattice parameters + sorted
+   species/fractional coordinates, so rotations, site order and repeated generations hit the cache).
 3. ``prepare`` runs per structure (an exception or timeout fails only that structure); ``predict`` runs per
    batch of ``potential.batch_size``; a batch that raises, times out or returns the wrong number of values
    is retried one structure at a time; a NaN/inf energy fails that structure.
@@ -33,24 +32,19 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import numpy as np
 from pymatgen.core import Structure
 
-from rewards.base import RewardOutput, Sample
+from crystals.guard import GuardConfig, guard_structure
+from crystals.matching import structure_key
+from crystals.potentials import EnergyScale
+from crystals.sample import Sample
+from rewards.base import RewardOutput
 from rewards.penalties import Penalties, PenaltyConfig, make_penalties
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Which energy scale a potential predicts, needed to put its energies on the MP-20 hull:
-# "mp2020_corrected": MP GGA/GGA+U energies with MP2020 corrections included (CHGNet 0.3.0, measured: see
-#   tests/test_rewards_hull.py); "mp_uncorrected": raw MP GGA/GGA+U energies, the correction must be added
-#   (SevenNet-0, measured: it sits ~0.2 eV/atom above CHGNet on sulfides and selenides, by exactly the
-#   MP2020 anion corrections, see tests/test_evaluation.py);
-# "other": any other DFT setup (UMA/OMat24), not comparable with MP formation energies.
-EnergyScale = Literal["mp2020_corrected", "mp_uncorrected", "other"]
 
 
 class Potential(Protocol):
@@ -66,47 +60,6 @@ class Potential(Protocol):
 
     def calculator(self) -> Any:
         """An ASE calculator of the same model (for relaxation)."""
-
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """Limits checked before a structure reaches a potential; ``timeout_s`` bounds each call."""
-
-    cutoff: float = 6.0  # A, neighbour cutoff of the potential (CHGNet's atom graph: 6 A)
-    max_volume_per_atom: float = 250.0  # A^3; MP-20 tops out at 202 (Li2S8); beyond, atoms sit alone
-    max_neighbors_per_atom: float = 500.0  # (N/V) * 4/3 pi r_cut^3; diamond (densest MP-20 case) ~ 160
-    max_images: int = 10_000  # periodic images the neighbour search visits; MP-20 cells need < 500
-    timeout_s: float | None = 60.0
-
-
-def guard_structure(structure: Structure, config: GuardConfig) -> str | None:
-    """Why this cell cannot be given to a potential (None when it can)."""
-    matrix = structure.lattice.matrix
-    if not np.all(np.isfinite(matrix)) or not np.all(np.isfinite(structure.frac_coords)):
-        return "nonfinite_cell"
-    volume = abs(float(np.linalg.det(matrix)))
-    if volume < 1e-6:
-        return "zero_volume"
-    n_atoms = len(structure)
-    if volume / n_atoms > config.max_volume_per_atom:
-        return "huge_cell"
-    if n_atoms / volume * 4 / 3 * math.pi * config.cutoff**3 > config.max_neighbors_per_atom:
-        return "too_many_neighbors"
-    # plane spacing w_i = V / |a_j x a_k|; the search visits ceil(r / w_i) images each way along i
-    areas = np.linalg.norm(np.cross(matrix[[1, 2, 0]], matrix[[2, 0, 1]]), axis=1)
-    reach = np.ceil(config.cutoff * areas / volume)
-    if float(np.prod(2 * reach + 1)) > config.max_images:
-        return "too_many_images"
-    return None
-
-
-def structure_key(structure: Structure, decimals: int = 4) -> tuple:
-    """Hashable key equal for the same crystal written in the same cell, whatever the site order or the
-    lattice orientation: rounded (a, b, c, alpha, beta, gamma) + sorted (Z, rounded wrapped frac coords)."""
-    params = np.round(np.array(structure.lattice.parameters, dtype=float), decimals)
-    frac = np.round(np.mod(structure.frac_coords, 1.0), decimals) % 1.0
-    sites = sorted((site.specie.Z, *coords) for site, coords in zip(structure, frac.tolist(), strict=True))
-    return (tuple(params.tolist()), tuple(sites))
 
 
 class Timeout(Exception):

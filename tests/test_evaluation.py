@@ -23,6 +23,8 @@ from pymatgen.core import Lattice, Structure
 from scipy.spatial.distance import cdist, pdist
 
 from crystals.data import iter_split
+from crystals.hull import mp2020_corrected_energy
+from crystals.sample import Sample
 from crystals.text import format_structure, read_cif
 from evaluation import metrics
 from evaluation.jsonl import JsonlAppender, read_jsonl
@@ -36,8 +38,6 @@ from evaluation.relax import (
     uma_calculator,
 )
 from evaluation.report import evaluate_samples, load_samples
-from rewards.base import Sample
-from rewards.hull import mp2020_corrected_energy
 
 REPO = Path(__file__).resolve().parents[1]
 N = 8  # structures per samples file

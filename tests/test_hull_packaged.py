@@ -1,4 +1,4 @@
-"""The MP-20 hull packaged in rewards/hull_data: E_hull identical to the hull built from the full data, the
+"""The MP-20 hull packaged in crystals/hull_data: E_hull identical to the hull built from the full data, the
 fallback to it without a full data directory (the demo), its use as a cache of the full data's CSV, and the
 reproducible build script."""
 
@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 
 from crystals.data import DEMO_DIR, ENV_VAR, iter_split
-from rewards.base import Sample
-from rewards.hull import (
+from crystals.hull import (
     CACHE_ENV,
     META_FILE,
     PACKAGED_DIR,
@@ -25,7 +24,8 @@ from rewards.hull import (
     hull_data_paths,
     packaged_hull_files,
 )
-from rewards.hull_data.build import build
+from crystals.hull_data.build import build
+from crystals.sample import Sample
 from rewards.registry import resolve_reward
 
 N_ROWS = 300  # MP-20 test rows checked against the data's e_above_hull_mp20hull column
@@ -78,7 +78,7 @@ def test_packaged_hull_reproduces_the_full_data_hull(packaged, mp20_dir, shared_
 def test_full_data_dir_uses_its_csv_and_the_packaged_copy_as_its_cache(
     packaged, shared_data_dir, tmp_path, caplog
 ):
-    caplog.set_level(logging.INFO, logger="rewards.hull")
+    caplog.set_level(logging.INFO, logger="crystals.hull")
     meta, refs = hull_data_paths(shared_data_dir)
     assert (meta, refs) == (shared_data_dir / "mp20" / META_FILE, shared_data_dir / "hull" / REFERENCES_FILE)
     assert "hull of the data directory" in caplog.text
@@ -89,7 +89,7 @@ def test_full_data_dir_uses_its_csv_and_the_packaged_copy_as_its_cache(
 
 
 def test_without_a_full_data_dir_the_packaged_hull_is_used(caplog):
-    caplog.set_level(logging.INFO, logger="rewards.hull")
+    caplog.set_level(logging.INFO, logger="crystals.hull")
     assert hull_data_paths() == hull_data_paths(DEMO_DIR) == packaged_hull_files()
     assert "packaged MP-20 hull" in caplog.text
     to_hull = EnergyToHull.load()  # the demo: no data dir, no environment, no cache

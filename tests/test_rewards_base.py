@@ -7,7 +7,8 @@ import math
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from rewards.base import CrystalTextReward, FunctionReward, RewardOutput, Sample
+from crystals.sample import Sample
+from rewards.base import CrystalTextReward, FunctionReward, RewardOutput
 from rewards.penalties import Penalties, PenaltyConfig, PenaltyReward, make_penalties
 from tests.reward_structures import rocksalt, text_of
 

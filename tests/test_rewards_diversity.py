@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pymatgen.core import Structure
 
-from rewards.base import Sample
+from crystals.sample import Sample
 from rewards.diversity import DiversityReward, NoveltyReward
 from tests.reward_structures import rocksalt, zincblende
 

@@ -14,12 +14,15 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.core.operations import SymmOp
 
 from crystals.data import iter_split
+from crystals.guard import GuardConfig, guard_structure
+from crystals.matching import structure_key
+from crystals.potentials import load_chgnet, sevenn_calculator, uma_calculator
+from crystals.sample import Sample
 from crystals.text import parse_structure
-from rewards.ase_calculator import ASECalculatorReward, sevenn_calculator, uma_calculator
-from rewards.base import CrystalTextReward, Sample
-from rewards.chgnet_energy import CHGNetEnergyReward, CHGNetPotential, load_chgnet
+from rewards.ase_calculator import ASECalculatorReward
+from rewards.base import CrystalTextReward
+from rewards.chgnet_energy import CHGNetEnergyReward, CHGNetPotential
 from rewards.penalties import PenaltyConfig
-from rewards.potential import GuardConfig, guard_structure, structure_key
 from rewards.registry import resolve_reward
 from tests.reward_structures import fcc, rocksalt, text_of, zincblende
 

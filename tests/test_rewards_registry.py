@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rewards.base import CrystalTextReward, FunctionReward, RewardOutput, Sample
+from crystals.sample import Sample
+from rewards.base import CrystalTextReward, FunctionReward, RewardOutput
 from rewards.chgnet_energy import CHGNetEnergyReward
 from rewards.composite import Composite
 from rewards.diversity import DiversityReward

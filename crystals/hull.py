@@ -17,8 +17,8 @@ combinations of known elements; an element outside MP-20 raises ``HullError``.
 Where the hull comes from (``hull_data_paths``, used by every loader): a data directory holding
 mp20/mp20_all_splits_meta.csv.gz and hull/ gives the hull of that CSV (built, or read from the cache);
 any other (the packaged demo subset, a user's own splits) falls back to the copy packaged in
-rewards/hull_data/: the stable phases of the shared MP-20 CSV, in the cache's format and file name, plus the
-elemental references (0.4 MB; rebuilt by ``python -m rewards.hull_data.build``). The packaged directory
+crystals/hull_data/: the stable phases of the shared MP-20 CSV, in the cache's format and file name, plus the
+elemental references (0.4 MB; rebuilt by ``python -m crystals.hull_data.build``). The packaged directory
 also acts as a read-only cache: a CSV with the packaged copy's sha256 is never rebuilt.
 
 Caveat from the README: the hull holds only MP-20 phases (<= 20 atoms, E_hull < 0.08), so for novel
@@ -108,14 +108,14 @@ def full_data_hull_files(data_dir: str | Path | None = None) -> tuple[Path, Path
 
 
 def packaged_hull_files(directory: Path = PACKAGED_DIR) -> tuple[Path, Path]:
-    """(stable phases, elemental references) packaged in ``directory`` (default rewards/hull_data)."""
+    """(stable phases, elemental references) packaged in ``directory`` (default crystals/hull_data)."""
     stable = sorted(directory.glob(STABLE_GLOB))
     refs = directory / REFERENCES_FILE
     if len(stable) != 1 or not refs.is_file():
         raise FileNotFoundError(
             f"the packaged MP-20 hull in {directory} is incomplete (expected one {STABLE_GLOB} and "
             f"{REFERENCES_FILE}; found {[p.name for p in stable]}): reinstall crystal-grpo or rebuild it with "
-            "`python -m rewards.hull_data.build --data-dir DIR`, or pass a full data directory"
+            "`python -m crystals.hull_data.build --data-dir DIR`, or pass a full data directory"
         )
     return stable[0], refs
 

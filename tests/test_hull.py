@@ -17,9 +17,7 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition
 
 from crystals.data import iter_split
-from rewards.base import CrystalTextReward, Sample
-from rewards.ehull import EHullReward
-from rewards.hull import (
+from crystals.hull import (
     META_FILE,
     EnergyToHull,
     HullError,
@@ -28,6 +26,9 @@ from rewards.hull import (
     hull_data_paths,
     mp2020_corrected_energy,
 )
+from crystals.sample import Sample
+from rewards.base import CrystalTextReward
+from rewards.ehull import EHullReward
 
 N_ROWS = 300  # rows checked against the data's e_above_hull_mp20hull column
 N_CHGNET = 200  # MP-20 test structures scored with CHGNet

@@ -1,9 +1,9 @@
-"""Build the packaged MP-20 hull (rewards/hull_data/) from a full data directory.
+"""Build the packaged MP-20 hull (crystals/hull_data/) from a full data directory.
 
-    python -m rewards.hull_data.build --data-dir ../shared/data [--out DIR]
+    python -m crystals.hull_data.build --data-dir ../shared/data [--out DIR]
 
 Writes ``mp20-hull-<first 16 hex of the meta CSV's sha256>.json.gz``: the stable phases of the hull of all
-MP-20 formation energies (``rewards.hull.MP20Hull.build``, ~75 s on 2 idle cores; never read from a cache,
+MP-20 formation energies (``crystals.hull.MP20Hull.build``, ~75 s on 2 idle cores; never read from a cache,
 so the file is always rebuilt from the CSV), and copies the elemental reference entries beside it. A hull
 file of another source is removed, so the directory holds exactly one. Same source, same bytes (sorted
 phases, gzip without timestamp). Update the sha256 in README.md after a rebuild from a new CSV.
@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from crystals.data import DataError
-from rewards.hull import (
+from crystals.hull import (
     META_FILE,
     REFERENCES_FILE,
     STABLE_GLOB,
