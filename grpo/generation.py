@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
+
+from grpo.constraint import ConstraintLogitsProcessor, GrammarConstraint, TokenMasks, concat_masks
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Rollout:
     truncated: torch.Tensor  # [N] bool, True where no EOS was sampled within max_new_tokens
     logprobs: torch.Tensor | None = None  # [N, R] sampler's per-token logprobs, when the generator has them
     weight_version: int = 0  # version of the policy weights that produced the rollout
+    masks: TokenMasks | None = None  # the allowed tokens at each position, when sampled under constraints
 
     @property
     def num_samples(self) -> int:
@@ -68,11 +71,23 @@ class Rollout:
 
 
 class Generator(Protocol):
-    """Anything that samples `n` responses per prompt text."""
+    """Anything that samples `n` responses per prompt text, each prompt optionally under its own constraint
+    (a grammar spec, see grpo.constraint; None: unconstrained). A constrained rollout carries its masks."""
 
     weight_version: int
 
-    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig) -> Rollout: ...
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        sampling: SamplingConfig,
+        constraints: Sequence[str | None] | None = None,
+    ) -> Rollout: ...
+
+
+def output_vocab_size(model) -> int:
+    """The number of logits the model scores (its output embedding's rows; may exceed the tokenizer's size)."""
+    return int(model.get_output_embeddings().weight.shape[0])
 
 
 def response_mask_from_eos(
@@ -109,9 +124,24 @@ class HFGenerator:
         self.weight_version = 0
         eos = tokenizer.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        self._constraint: GrammarConstraint | None = None
+
+    def constraint(self) -> GrammarConstraint:
+        """The grammar compiler for this tokenizer and model (built on first use)."""
+        if self._constraint is None:
+            self._constraint = GrammarConstraint(
+                self.tokenizer, output_vocab_size(self.model), stop_token_ids=self.eos_token_ids
+            )
+        return self._constraint
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig) -> Rollout:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        sampling: SamplingConfig,
+        constraints: Sequence[str | None] | None = None,
+    ) -> Rollout:
         tokenizer = self.tokenizer
         tokenizer.padding_side = "left"
         # An over-long prompt loses its beginning, never its end (the task and the assistant header).
@@ -126,6 +156,9 @@ class HFGenerator:
         )
         prompt_ids = encoded["input_ids"].repeat_interleave(n, dim=0)
         prompt_mask = encoded["attention_mask"].repeat_interleave(n, dim=0)
+        # row r belongs to prompt r // n
+        row_specs = [spec for spec in constraints for _ in range(n)] if constraints is not None else None
+        constrained = row_specs is not None and any(spec is not None for spec in row_specs)
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -133,7 +166,7 @@ class HFGenerator:
             mode = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
             mode = dict(do_sample=False)  # temperature 0: greedy
-        chunks = []
+        chunks, chunk_masks = [], []
         # transformers fills every setting not passed to generate() from model.generation_config, and a
         # checkpoint's own defaults (Qwen2.5-Instruct: repetition_penalty=1.05, top_k=20, ...) would draw the
         # rollouts from another distribution than softmax(logits / T), the one `response_logprobs` scores.
@@ -146,6 +179,10 @@ class HFGenerator:
                 for start in range(0, prompt_ids.shape[0], self.batch_size):
                     ids = prompt_ids[start : start + self.batch_size].to(device)
                     mask = prompt_mask[start : start + self.batch_size].to(device)
+                    processors = LogitsProcessorList()
+                    if constrained:
+                        chunk_specs = row_specs[start : start + self.batch_size]
+                        processors.append(ConstraintLogitsProcessor(self.constraint(), chunk_specs))
                     out = self.model.generate(
                         input_ids=ids,
                         attention_mask=mask,
@@ -155,8 +192,11 @@ class HFGenerator:
                         pad_token_id=tokenizer.pad_token_id,
                         use_cache=True,
                         synced_gpus=self.synced_gpus,
+                        logits_processor=processors,
                     )
                     chunks.append(out[:, ids.shape[1] :].cpu())
+                    if constrained:
+                        chunk_masks.append(processors[0].masks(chunks[-1].shape[1]))
         finally:
             self.model.generation_config = model_defaults
             if was_training:
@@ -177,6 +217,7 @@ class HFGenerator:
             response_mask=response_mask,
             truncated=truncated,
             weight_version=self.weight_version,
+            masks=concat_masks(chunk_masks, width) if constrained else None,
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from grpo.constraint import TokenMasks
 from grpo.losses import entropy_from_logits, token_logprobs
 
 
@@ -33,12 +34,22 @@ def response_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    masks: TokenMasks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(y_t | x, y_<t) for every response position, [N, R] (and the entropy of each next-token distribution).
 
     Logits are divided by the sampling temperature so the log-probabilities are those of the distribution the
     responses were drawn from. They stay in the model's dtype: `token_logprobs` upcasts chunk by chunk, so no
     float32 copy of the whole [N, R, vocab] tensor is made.
+
+    With `masks` (the rollout's constraint masks for these rows) this is the constrained policy the sampler
+    drew from: with A_t the tokens allowed at position t,
+
+        log pi_c(y_t) = z_t[y_t] - log sum_{v in A_t} exp z_t[v],    z_t = logits_t / T
+
+    Disallowed logits are set to the dtype's lowest finite value, not -inf, so exp gives exactly 0 and the
+    entropy's p * z stays 0 (not 0 * -inf = NaN): no probability mass and no gradient reach a disallowed token.
+    A forced position (one allowed token) has log-probability exactly 0 and zero gradient.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask, position_ids = concat_prompt_response(
@@ -57,6 +68,9 @@ def response_logprobs(
     response_logits = logits[:, :response_len]
     if temperature != 1.0:
         response_logits = response_logits / temperature
+    if masks is not None:
+        allowed = masks.allowed(device)
+        response_logits = response_logits.masked_fill(~allowed, torch.finfo(response_logits.dtype).min)
     logprobs = token_logprobs(response_logits, response_ids.to(device))
     entropy = entropy_from_logits(response_logits) if with_entropy else None
     return logprobs, entropy
@@ -79,6 +93,7 @@ def batched_response_logprobs(
             rollout.response_ids[rows],
             rollout.response_mask[rows],
             temperature=temperature,
+            masks=rollout.masks.rows(rows) if rollout.masks is not None else None,
         )
         out.append(logprobs.cpu())
     if was_training:

@@ -12,9 +12,16 @@ Two ways to run the engine, both implementing the ``Generator`` protocol of grpo
   in-place reload as it arrives, so neither side ever holds a second full copy of the model. Prompts and results
   travel over a pipe.
 
-Prompts reach vLLM as token ids encoded by the trainer's tokenizer (``TokensPrompt``): vLLM's own tokenizer
-loading (transformers 5 ``AutoTokenizer``) would not rebuild a tokenizer trained by grpo.models, so the engine
-starts with ``skip_tokenizer_init`` and stops on explicit stop token ids. Each sample's per-token log-probability
+Prompts reach vLLM as token ids encoded by the trainer's tokenizer (``TokensPrompt``) and the engine stops on
+explicit stop token ids. vLLM still loads a tokenizer, which its structured outputs need: from a folder holding
+only the tokenizer files (``TOKENIZER_DIR`` beside the weights), because transformers 5 ``AutoTokenizer`` on the
+model folder maps a qwen2 config to Qwen2Tokenizer and would not rebuild a tokenizer trained by grpo.models.
+
+Constraints (grpo.constraint) go to vLLM as per-request structured outputs (``grammar=``, xgrammar, the engine
+grpo.constraint uses too), chosen over a vLLM logits processor because it is vLLM's public per-request API and
+runs inside vLLM's scheduler at batch speed. With ``logprobs_mode="processed_logprobs"`` the returned
+log-probabilities are those of the masked distribution. The rollout's masks are replayed here from the sampled
+tokens, so the trainer scores with the masks that sampled (the tests check the two agree). Each sample's per-token log-probability
 comes back in ``Rollout.logprobs`` (after temperature, as the trainer computes them), for truncated importance
 sampling (grpo.losses.truncated_importance_weights).
 
@@ -41,7 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig
 
+from grpo.constraint import GrammarConstraint
 from grpo.generation import GeneratorConfig, Rollout, SamplingConfig, response_mask_from_eos
 
 INSTALL_HINT = (
@@ -69,6 +78,16 @@ def _set_engine_env(config: GeneratorConfig) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
 
 
+TOKENIZER_DIR = "tokenizer"  # inside the model folder: the tokenizer files alone, for vLLM to load
+
+
+def save_engine_tokenizer(tokenizer, model_path: str | Path) -> Path:
+    """The tokenizer, alone, in MODEL/tokenizer (see the module docstring)."""
+    path = Path(model_path) / TOKENIZER_DIR
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def _build_llm(model_path: str | Path, config: GeneratorConfig, sleep_mode: bool):
     """A ``vllm.LLM`` over a Hugging Face model directory, returning per-token log-probabilities after
     temperature. What vLLM changes in the calling process is put back afterwards, so a colocated trainer keeps
@@ -85,7 +104,7 @@ def _build_llm(model_path: str | Path, config: GeneratorConfig, sleep_mode: bool
         with torch.random.fork_rng(devices=[]):
             llm = vllm.LLM(
                 str(model_path),
-                skip_tokenizer_init=True,
+                tokenizer=str(Path(model_path) / TOKENIZER_DIR),
                 dtype=config.dtype,
                 seed=0,  # samples are seeded per request; the engine's own draws stay fixed
                 enforce_eager=config.enforce_eager,
@@ -122,7 +141,11 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int) ->
     return [ids[-max_prompt_tokens:] for ids in encoded]
 
 
-def _sampling_params(vllm, sampling: SamplingConfig, n: int, seed: int, stop_ids: list[int]):
+def _sampling_params(
+    vllm, sampling: SamplingConfig, n: int, seed: int, stop_ids: list[int], spec: str | None
+):
+    from vllm.sampling_params import StructuredOutputsParams
+
     greedy = sampling.temperature <= 0
     return vllm.SamplingParams(
         n=n,
@@ -133,18 +156,26 @@ def _sampling_params(vllm, sampling: SamplingConfig, n: int, seed: int, stop_ids
         stop_token_ids=stop_ids,
         logprobs=0,  # the sampled token's log-probability only
         detokenize=False,
+        structured_outputs=StructuredOutputsParams(grammar=spec) if spec is not None else None,
     )
 
 
 def _sample(
-    llm, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, stop_ids: list[int]
+    llm,
+    prompt_ids: list[list[int]],
+    n: int,
+    sampling: SamplingConfig,
+    stop_ids: list[int],
+    specs: Sequence[str | None] | None = None,
 ) -> list[tuple[list[int], list[float]]]:
     """(token ids, log-probabilities) of the n samples of each prompt, prompt-major. Prompt i is seeded with
-    (seed * P + i) * n, so every sample of a call draws from its own reproducible stream."""
+    (seed * P + i) * n, so every sample of a call draws from its own reproducible stream; specs[i] constrains
+    prompt i's samples (None: unconstrained)."""
     vllm, TokensPrompt = _import_vllm()
+    specs = specs if specs is not None else [None] * len(prompt_ids)
     params = [
-        _sampling_params(vllm, sampling, n, (sampling.seed * len(prompt_ids) + i) * n, stop_ids)
-        for i in range(len(prompt_ids))
+        _sampling_params(vllm, sampling, n, (sampling.seed * len(prompt_ids) + i) * n, stop_ids, spec)
+        for i, spec in enumerate(specs)
     ]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
     return [
@@ -192,6 +223,43 @@ def build_rollout(
     )
 
 
+class _EngineRollouts:
+    """What both engines share: prompt encoding, and turning the engine's samples into a Rollout with the
+    constraint masks replayed from the sampled tokens."""
+
+    def _setup(self, model_path: str | Path, tokenizer, config: GeneratorConfig | None) -> None:
+        self.model_path = Path(model_path)
+        self.config = config or GeneratorConfig()
+        self.tokenizer = tokenizer
+        self.eos_token_ids = _eos_ids(tokenizer)
+        self.weight_version = 0
+        self.last_sync: dict[str, float] = {}
+        self._constraint: GrammarConstraint | None = None
+        save_engine_tokenizer(tokenizer, model_path)
+
+    def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens)
+
+    def _rollout(
+        self, prompt_ids: list[list[int]], samples, n: int, constraints: Sequence[str | None] | None
+    ) -> Rollout:
+        rollout = build_rollout(
+            prompt_ids,
+            samples,
+            n,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_ids=self.eos_token_ids,
+            weight_version=self.weight_version,
+        )
+        if constraints is not None and any(spec is not None for spec in constraints):
+            if self._constraint is None:
+                vocab_size = AutoConfig.from_pretrained(self.model_path).vocab_size
+                self._constraint = GrammarConstraint(self.tokenizer, vocab_size, self.eos_token_ids)
+            row_specs = [spec for spec in constraints for _ in range(n)]
+            rollout.masks = self._constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
+        return rollout
+
+
 def _eos_ids(tokenizer) -> list[int]:
     eos = tokenizer.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos)
@@ -206,7 +274,7 @@ def _reload(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
 # ------------------------------------------------------------------------------------- colocated
 
 
-class VLLMGenerator:
+class VLLMGenerator(_EngineRollouts):
     """A ``vllm.LLM`` in the trainer process, built from ``model_path`` (a directory written by
     ``grpo.models.save_model`` holding the weights the trainer starts from).
 
@@ -215,15 +283,11 @@ class VLLMGenerator:
     """
 
     def __init__(self, model_path: str | Path, tokenizer, config: GeneratorConfig | None = None):
-        self.config = config or GeneratorConfig()
-        self.tokenizer = tokenizer
-        self.eos_token_ids = _eos_ids(tokenizer)
+        self._setup(model_path, tokenizer, config)
         self.sleep_mode = (
             torch.cuda.is_available() if self.config.sleep_mode is None else self.config.sleep_mode
         )
         self.llm = _build_llm(model_path, self.config, self.sleep_mode)
-        self.weight_version = 0
-        self.last_sync: dict[str, float] = {}
         self._asleep = False
         self._sleep()
 
@@ -238,21 +302,20 @@ class VLLMGenerator:
             self.llm.wake_up()
             self._asleep = False
 
-    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig) -> Rollout:
-        prompt_ids = encode_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens)
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        sampling: SamplingConfig,
+        constraints: Sequence[str | None] | None = None,
+    ) -> Rollout:
+        prompt_ids = self._encode(prompts)
         self._wake()
         try:
-            samples = _sample(self.llm, prompt_ids, n, sampling, self.eos_token_ids)
+            samples = _sample(self.llm, prompt_ids, n, sampling, self.eos_token_ids, constraints)
         finally:
             self._sleep()
-        return build_rollout(
-            prompt_ids,
-            samples,
-            n,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_ids=self.eos_token_ids,
-            weight_version=self.weight_version,
-        )
+        return self._rollout(prompt_ids, samples, n, constraints)
 
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module, version: int) -> None:
@@ -358,8 +421,8 @@ def _serve(conn, model_path: str, config: dict, port: int, backend: str) -> None
             return
         try:
             if kind == "generate":
-                prompt_ids, n, sampling, stop_ids = payload
-                result = _sample(llm, prompt_ids, n, SamplingConfig(**sampling), stop_ids)
+                prompt_ids, n, sampling, stop_ids, specs = payload
+                result = _sample(llm, prompt_ids, n, SamplingConfig(**sampling), stop_ids, specs)
             elif kind == "sync":
                 start = time.perf_counter()
                 _reload(llm, _receive_buckets(group, payload, device))
@@ -371,7 +434,7 @@ def _serve(conn, model_path: str, config: dict, port: int, backend: str) -> None
             conn.send(("error", traceback.format_exc()))
 
 
-class VLLMServerGenerator:
+class VLLMServerGenerator(_EngineRollouts):
     """vLLM in a separate worker process (spawned), synced by bucketed broadcast over a private process group.
 
     Use as a context manager or call ``close()``; an interpreter exit closes it too. A worker that dies or
@@ -384,11 +447,7 @@ class VLLMServerGenerator:
     ):
         if importlib.util.find_spec("vllm") is None:  # fail here, in the trainer, with the install hint
             raise ImportError(INSTALL_HINT)
-        self.config = config or GeneratorConfig()
-        self.tokenizer = tokenizer
-        self.eos_token_ids = _eos_ids(tokenizer)
-        self.weight_version = 0
-        self.last_sync: dict[str, float] = {}
+        self._setup(model_path, tokenizer, config)
         self.device = torch.device(device)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=self.config.worker_timeout_s)
@@ -446,17 +505,16 @@ class VLLMServerGenerator:
         self._send(kind, payload)
         return self._receive(kind)
 
-    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig) -> Rollout:
-        prompt_ids = encode_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens)
-        samples = self._request("generate", (prompt_ids, n, asdict(sampling), self.eos_token_ids))
-        return build_rollout(
-            prompt_ids,
-            samples,
-            n,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_ids=self.eos_token_ids,
-            weight_version=self.weight_version,
-        )
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        sampling: SamplingConfig,
+        constraints: Sequence[str | None] | None = None,
+    ) -> Rollout:
+        prompt_ids = self._encode(prompts)
+        request = (prompt_ids, n, asdict(sampling), self.eos_token_ids, constraints)
+        return self._rollout(prompt_ids, self._request("generate", request), n, constraints)
 
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module, version: int) -> None:

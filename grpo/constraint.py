@@ -1,0 +1,192 @@
+"""Constrained decoding, domain-free: a grammar per prompt decides which tokens a response may take next.
+
+A constraint spec is an EBNF grammar in xgrammar's dialect (``root ::= ...``), or None for no constraint.
+``GrammarConstraint`` compiles specs for one tokenizer with xgrammar (a token-level pushdown automaton, compiled
+once per distinct spec) and gives the tokens allowed after any response prefix. The same masks serve in three
+places:
+
+- HF sampling: ``ConstraintLogitsProcessor`` masks the next-token logits of each row (row r of the batch belongs
+  to prompt r // n) and records the masks it applied;
+- vLLM sampling: the spec goes to vLLM as a per-request structured output (``grammar=``), which vLLM runs
+  through the same xgrammar on the same vocabulary; the rollout's masks are then replayed here;
+- scoring: ``grpo.policy.response_logprobs`` takes the masked log-softmax with the rollout's masks, so the
+  old, new and reference log-probabilities, the ratio, the KL and TIS are those of the policy that sampled.
+
+A rollout's masks are a ``TokenMasks``: one packed bitmask per distinct allowed set (bit v of int32 word v // 32
+set: token v allowed) and, per position, the index of its set. A grammar has few distinct sets (digits, a
+separator, one element symbol...), so this stays small even for a 150k-token vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+BITS = 32
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Packed int32 bitmask [..., W] -> bool [..., vocab_size] (True: allowed)."""
+    shifts = torch.arange(BITS, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :vocab_size].bool()
+
+
+@dataclass
+class TokenMasks:
+    """The allowed tokens at every response position of a rollout: row i, position t may take the tokens of
+    ``table[index[i, t]]``. ``table[0]`` allows every token: unconstrained rows and padding point there."""
+
+    index: torch.Tensor  # [N, R] long
+    table: torch.Tensor  # [U, W] int32, packed
+    vocab_size: int
+
+    def rows(self, rows) -> TokenMasks:
+        """The masks of some rows (a micro-batch, a rank's share); the table is shared."""
+        return TokenMasks(self.index[rows], self.table, self.vocab_size)
+
+    def allowed(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """bool [N, R, vocab_size]."""
+        table = unpack_bitmask(self.table.to(device), self.vocab_size)
+        return table[self.index.to(device)]
+
+    def forced(self) -> torch.Tensor:
+        """bool [N, R]: positions where exactly one token is allowed (its log-probability is 0 whatever the
+        model, so it carries no gradient and no information)."""
+        singles = unpack_bitmask(self.table, self.vocab_size).sum(-1) == 1
+        return singles[self.index]
+
+
+class _MaskTable:
+    """Distinct packed masks in order of first appearance; entry 0 allows everything."""
+
+    def __init__(self, words: int):
+        self.masks = [torch.full((words,), -1, dtype=torch.int32)]
+        self.ids = {self.masks[0].numpy().tobytes(): 0}
+
+    def add(self, mask: torch.Tensor) -> int:
+        key = mask.numpy().tobytes()
+        if key not in self.ids:
+            self.ids[key] = len(self.masks)
+            self.masks.append(mask.clone())
+        return self.ids[key]
+
+    def tensor(self) -> torch.Tensor:
+        return torch.stack(self.masks)
+
+
+class ConstraintError(RuntimeError):
+    """A response the grammar forbids, or a prefix after which it allows no token at all."""
+
+
+class GrammarConstraint:
+    """xgrammar matchers for one tokenizer and a vocabulary of ``vocab_size`` logits (the model's output size,
+    which may exceed the tokenizer's length; extra ids are never allowed). The end-of-sequence tokens are the
+    stop tokens: allowed exactly where the grammar can end."""
+
+    def __init__(self, tokenizer, vocab_size: int | None = None, stop_token_ids: Sequence[int] | None = None):
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        if stop_token_ids is None:
+            eos = tokenizer.eos_token_id
+            stop_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        self.vocab_size = vocab_size or len(tokenizer)
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(stop_token_ids)
+        )
+        self.words = (self.vocab_size + BITS - 1) // BITS
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._compiled: dict[str, object] = {}
+
+    def matcher(self, spec: str):
+        """A fresh matcher at the start of a response under grammar `spec`."""
+        if spec not in self._compiled:
+            self._compiled[spec] = self._compiler.compile_grammar(spec)
+        return self._xgr.GrammarMatcher(self._compiled[spec])
+
+    def fill(self, matcher, out: torch.Tensor, row: int) -> None:
+        """The tokens `matcher` allows next into out[row] (packed); an empty set is a ConstraintError."""
+        matcher.fill_next_token_bitmask(out, row)
+        if not bool(out[row].any()):
+            raise ConstraintError("the grammar allows no next token (a grammar that cannot be completed)")
+
+    def replay(
+        self, specs: Sequence[str | None], response_ids: torch.Tensor, response_mask: torch.Tensor
+    ) -> TokenMasks:
+        """The masks of finished responses (one spec per row): at each masked-in position the set allowed after
+        the tokens before it. ConstraintError when a response takes a token its grammar forbids."""
+        table = _MaskTable(self.words)
+        index = torch.zeros(response_ids.shape, dtype=torch.long)
+        buffer = torch.zeros((1, self.words), dtype=torch.int32)
+        for row, spec in enumerate(specs):
+            if spec is None:
+                continue
+            matcher = self.matcher(spec)
+            length = int(response_mask[row].sum())
+            for t, token in enumerate(response_ids[row, :length].tolist()):
+                self.fill(matcher, buffer, 0)
+                index[row, t] = table.add(buffer[0])
+                if not matcher.accept_token(token):
+                    raise ConstraintError(
+                        f"row {row}, position {t}: token {token} is not allowed by its grammar"
+                    )
+        return TokenMasks(index, table.tensor(), self.vocab_size)
+
+
+class ConstraintLogitsProcessor(LogitsProcessor):
+    """transformers logits processor: each row's next-token logits outside its grammar set to -inf. Rows
+    without a spec, and rows whose grammar has ended (their response is over; generate pads them), are left
+    as they are. Keeps every mask it applied (``masks()``) so scoring can use exactly those."""
+
+    def __init__(self, constraint: GrammarConstraint, specs: Sequence[str | None]):
+        self.constraint = constraint
+        self.matchers = [constraint.matcher(spec) if spec is not None else None for spec in specs]
+        self.table = _MaskTable(constraint.words)
+        self.steps: list[list[int]] = []  # per step, each row's table index
+        self._bitmask = torch.zeros((len(specs), constraint.words), dtype=torch.int32)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.steps:  # the token sampled at the previous step
+            for row, matcher in enumerate(self.matchers):
+                if matcher is not None and not matcher.is_terminated():
+                    if not matcher.accept_token(int(input_ids[row, -1])):
+                        raise ConstraintError(f"row {row}: sampled a token its grammar forbids")
+        step = []
+        for row, matcher in enumerate(self.matchers):
+            if matcher is None or matcher.is_terminated():
+                self._bitmask[row] = -1
+            else:
+                self.constraint.fill(matcher, self._bitmask, row)
+            step.append(self.table.add(self._bitmask[row]))
+        self.steps.append(step)
+        allowed = unpack_bitmask(self._bitmask, scores.shape[-1]).to(scores.device)
+        return scores.masked_fill(~allowed, float("-inf"))
+
+    def masks(self, length: int) -> TokenMasks:
+        """The applied masks for responses of `length` tokens (positions past the last step allow all)."""
+        index = torch.zeros((len(self.matchers), length), dtype=torch.long)
+        if self.steps:
+            steps = torch.tensor(self.steps[:length], dtype=torch.long).T
+            index[:, : steps.shape[1]] = steps
+        return TokenMasks(index, self.table.tensor(), self.constraint.vocab_size)
+
+
+def concat_masks(parts: Sequence[TokenMasks], length: int) -> TokenMasks:
+    """Rows of several TokenMasks (e.g. the chunks of a batched generate) as one, responses padded to
+    `length`; the tables are merged."""
+    if not parts:
+        raise ValueError("no masks to concatenate")
+    words = parts[0].table.shape[1]
+    table = _MaskTable(words)
+    indices = []
+    for part in parts:
+        remap = torch.tensor([table.add(mask) for mask in part.table], dtype=torch.long)
+        index = torch.zeros((part.index.shape[0], length), dtype=torch.long)
+        width = min(length, part.index.shape[1])
+        index[:, :width] = remap[part.index[:, :width]]
+        indices.append(index)
+    return TokenMasks(torch.cat(indices), table.tensor(), parts[0].vocab_size)
