@@ -43,7 +43,16 @@ from grpo.distributed import (
     world_size,
 )
 from grpo.generation import Generator, Rollout, SamplingConfig, decode_responses
-from grpo.losses import aggregate, kl_penalty, masked_mean, policy_loss, truncated_importance_weights
+from grpo.losses import (
+    AGGREGATIONS,
+    AggMode,
+    KLKind,
+    aggregate,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    truncated_importance_weights,
+)
 from grpo.optim import IndexSampler, build_adamw, build_scheduler
 from grpo.policy import batched_response_logprobs, response_logprobs
 from grpo.run_log import RunLogger, step_progress
@@ -86,11 +95,9 @@ class GRPOConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.001
-    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    kl_kind: KLKind = "k3"
     entropy_coef: float = 0.0
-    loss_agg: Literal[
-        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-    ] = "token-mean"
+    loss_agg: AggMode = "token-mean"
     advantage_scale: Literal["group", "batch", "none"] = "group"
     advantage_eps: float = 1e-6
     # Sampling (A.1: responses up to 1024 tokens)
@@ -140,17 +147,11 @@ def sanitize_rewards(rewards: Sequence[float]) -> tuple[torch.Tensor, int]:
     return values, int(bad.sum())
 
 
-def loss_normaliser(mask: torch.Tensor, agg: str) -> float:
-    """What `aggregate` divides by: valid tokens (token-mean) or non-empty sequences (the sequence modes)."""
-    if agg == "token-mean":
-        return float(mask.sum())
-    return float((mask.sum(1) > 0).sum())
-
-
-def micro_batch_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, agg: str) -> float:
+def micro_batch_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, agg: AggMode) -> float:
     """Share of a mini-batch's loss carried by one micro-batch, so accumulated gradients equal the full batch's:
-    loss_normaliser(micro) / loss_normaliser(mini)."""
-    return loss_normaliser(micro_mask, agg) / max(1.0, loss_normaliser(mini_mask, agg))
+    the micro-batch's units (tokens or sequences, what its aggregation divides by) over the mini-batch's."""
+    normaliser = AGGREGATIONS[agg].normaliser
+    return float(normaliser(micro_mask)) / max(1.0, float(normaliser(mini_mask)))
 
 
 class GRPOTrainer:
@@ -380,7 +381,7 @@ class GRPOTrainer:
                 mini_mask = rollout.response_mask[mini]
                 # This rank's share of the mini-batch's loss over all ranks (1 for one process): the sharded
                 # gradients are summed over ranks, so the shares make up the whole mini-batch's mean.
-                local_norm = loss_normaliser(mini_mask, cfg.loss_agg)
+                local_norm = float(AGGREGATIONS[cfg.loss_agg].normaliser(mini_mask))
                 rank_share = local_norm / max(1.0, sum_over_ranks(local_norm))
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(mini), cfg.micro_batch_size):
