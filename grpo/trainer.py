@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch.distributed.tensor import DTensor
 
-from grpo.advantages import group_advantages
+from grpo.advantages import AdvantageScale, group_advantages
 from grpo.checkpoint import load_checkpoint, save_checkpoint
 from grpo.distributed import (
     gather_objects,
@@ -98,7 +98,7 @@ class GRPOConfig:
     kl_kind: KLKind = "k3"
     entropy_coef: float = 0.0
     loss_agg: AggMode = "token-mean"
-    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_scale: AdvantageScale = "group"
     advantage_eps: float = 1e-6
     # Sampling (A.1: responses up to 1024 tokens)
     temperature: float = 1.0
