@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -56,7 +56,7 @@ from grpo.losses import (
     policy_loss,
     truncated_importance_weights,
 )
-from grpo.optim import IndexSampler, build_adamw, build_scheduler
+from grpo.optim import IndexSampler, LRSchedule, build_adamw, build_scheduler
 from grpo.policy import batched_response_logprobs, response_logprobs
 from grpo.run_log import RunLogger, step_progress
 
@@ -92,7 +92,7 @@ class GRPOConfig:
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: LRSchedule = "constant"
     min_lr_ratio: float = 0.0
     # Loss (A.1: low-variance KL in the loss with coefficient 0.001, no entropy bonus)
     clip_low: float = 0.2
