@@ -5,12 +5,10 @@ Rewards arrive prompt-major: the ``group_size`` responses of prompt 0, then thos
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
-
-AdvantageScale = Literal["group", "batch", "none"]
-ADVANTAGE_SCALES: tuple[str, ...] = ("group", "batch", "none")
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -28,19 +26,46 @@ def _population_std(x: torch.Tensor) -> torch.Tensor:
     return _centre(x).square().mean(dim=-1, keepdim=True).sqrt()
 
 
+def _divide_by_std(centred: torch.Tensor, std: torch.Tensor, eps: float) -> torch.Tensor:
+    # std == 0 only where every centred value is already exactly 0; the where keeps eps=0 from making 0/0.
+    return torch.where(std > 0, centred / (std + eps), 0.0)
+
+
+# Advantage scalings: each maps the rewards [groups, group_size] (float64) to advantages. With g(i) the group of
+# response i, mu_g its mean and sigma_g its population std (paper eq. 2):
+
+
+def _group_scale(groups: torch.Tensor, eps: float) -> torch.Tensor:
+    """A_i = (R_i - mu_g(i)) / (sigma_g(i) + eps)"""
+    return _divide_by_std(_centre(groups), _population_std(groups), eps)
+
+
+def _batch_scale(groups: torch.Tensor, eps: float) -> torch.Tensor:
+    """A_i = (R_i - mu_g(i)) / (sigma_batch + eps), sigma_batch the population std of all rewards"""
+    return _divide_by_std(_centre(groups), _population_std(groups.flatten()).view(1, 1), eps)
+
+
+def _no_scale(groups: torch.Tensor, eps: float) -> torch.Tensor:
+    """A_i = R_i - mu_g(i)  (Dr. GRPO: no std scaling)"""
+    return _centre(groups)
+
+
+ADVANTAGE_SCALINGS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "group": _group_scale,
+    "batch": _batch_scale,
+    "none": _no_scale,
+}
+AdvantageScale = Literal[tuple(ADVANTAGE_SCALINGS)]  # the config field's type
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
     scale: AdvantageScale = "group",
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Advantage of each response relative to the other responses to the same prompt.
-
-    With g(i) the group of response i, mu_g its mean and sigma_g its population std (paper eq. 2):
-
-        scale="group":  A_i = (R_i - mu_g(i)) / (sigma_g(i) + eps)
-        scale="batch":  A_i = (R_i - mu_g(i)) / (sigma_batch + eps)   sigma_batch: population std of all R
-        scale="none":   A_i =  R_i - mu_g(i)                          (Dr. GRPO: no std scaling)
+    """Advantage of each response relative to the other responses to the same prompt, scaled by
+    ``ADVANTAGE_SCALINGS[scale]`` (formulas above).
 
     A group whose rewards are all equal (e.g. every sample invalid and penalised -0.1) carries no signal and
     gets exactly 0, for any eps including 0; likewise every advantage is 0 when the whole batch is equal.
@@ -52,8 +77,8 @@ def group_advantages(
     """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"unknown scale {scale!r}; expected one of {ADVANTAGE_SCALES}")
+    if scale not in ADVANTAGE_SCALINGS:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {tuple(ADVANTAGE_SCALINGS)}")
     if rewards.ndim != 1 or rewards.numel() == 0:
         raise ValueError(f"rewards must be a non-empty 1-D tensor, got shape {tuple(rewards.shape)}")
     if rewards.numel() % group_size != 0:
@@ -70,13 +95,6 @@ def group_advantages(
             f"(group {i // group_size}); give failed samples a finite penalty reward instead"
         )
 
-    groups = values.view(-1, group_size)
-    centred = _centre(groups)
-    if scale == "none":
-        advantages = centred
-    else:
-        std = _population_std(groups) if scale == "group" else _population_std(values).view(1, 1)
-        # std == 0 only where every centred value is already exactly 0; the where keeps eps=0 from making 0/0.
-        advantages = torch.where(std > 0, centred / (std + eps), 0.0)
+    advantages = ADVANTAGE_SCALINGS[scale](values.view(-1, group_size), eps)
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
     return advantages.flatten().to(out_dtype)

@@ -10,20 +10,11 @@ gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint
-
-AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-AGG_MODES: tuple[str, ...] = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
-KLKind = Literal["k1", "k2", "k3"]
-KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3")
 
 # Log-ratios are clamped to +-20 before exp: exp(20) ~ 4.9e8 is finite in fp32 and bf16, and a ratio that far
 # from 1 is clipped by the PPO objective (or capped by the KL clamp) anyway. Without it one stale token with
@@ -45,43 +36,83 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return total / count.clamp(min=1)
 
 
+# Aggregations of a per-token loss x [B, T] to a scalar. m is the mask, S = {b : sum_t m_bt > 0} the sequences
+# with at least one valid token (a fully masked row is padding, not a sequence), L = max_len. Each one is a mean
+# over units, tokens or sequences: ``reduce`` divides a sum over units by ``normaliser``, the number of units.
+# So reduce * normaliser is a plain sum over rows, which is how the trainer splits a batch into micro-batches
+# whose gradients add up to the whole batch's.
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    reduce: Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]  # (x, valid, max_len) -> scalar
+    normaliser: Callable[[torch.Tensor], torch.Tensor]  # mask -> the number of units reduce divides by
+
+
+def _token_count(mask: torch.Tensor) -> torch.Tensor:
+    """sum_bt m_bt"""
+    return (mask != 0).sum()
+
+
+def _sequence_count(mask: torch.Tensor) -> torch.Tensor:
+    """|S|"""
+    return (mask != 0).any(dim=-1).sum()
+
+
+def _token_mean(x: torch.Tensor, valid: torch.Tensor, max_len: int | None) -> torch.Tensor:
+    """sum_bt m_bt x_bt / sum_bt m_bt"""
+    return masked_mean(x, valid)
+
+
+def _seq_mean_token_mean(x: torch.Tensor, valid: torch.Tensor, max_len: int | None) -> torch.Tensor:
+    """1/|S| sum_{b in S} (sum_t m_bt x_bt / sum_t m_bt)"""
+    return masked_mean(masked_mean(x, valid, dim=-1), valid.any(dim=-1))
+
+
+def _seq_mean_token_sum(x: torch.Tensor, valid: torch.Tensor, max_len: int | None) -> torch.Tensor:
+    """1/|S| sum_{b in S} sum_t m_bt x_bt"""
+    return masked_mean(torch.where(valid, x, 0.0).sum(dim=-1), valid.any(dim=-1))
+
+
+def _seq_mean_token_sum_norm(x: torch.Tensor, valid: torch.Tensor, max_len: int | None) -> torch.Tensor:
+    """1/|S| sum_{b in S} sum_t m_bt x_bt / L
+
+    Dr. GRPO: a constant per-sequence normaliser, so long and short responses weigh the same per token.
+    """
+    if max_len is None or max_len < 1:
+        raise ValueError(f"mode 'seq-mean-token-sum-norm' needs max_len >= 1, got {max_len!r}")
+    return _seq_mean_token_sum(x, valid, max_len) / max_len
+
+
+AGGREGATIONS: dict[str, Aggregation] = {
+    "token-mean": Aggregation(_token_mean, _token_count),
+    "seq-mean-token-mean": Aggregation(_seq_mean_token_mean, _sequence_count),
+    "seq-mean-token-sum": Aggregation(_seq_mean_token_sum, _sequence_count),
+    "seq-mean-token-sum-norm": Aggregation(_seq_mean_token_sum_norm, _sequence_count),
+}
+AGG_MODES: tuple[str, ...] = tuple(AGGREGATIONS)
+AggMode = Literal[AGG_MODES]  # the config field's type: the registry's names, listed once above
+
+
 def aggregate(
     per_token: torch.Tensor,
     mask: torch.Tensor,
     mode: AggMode,
     max_len: int | None = None,
 ) -> torch.Tensor:
-    """Reduce a per-token loss [B, T] to a scalar. With m the mask, S = {b : sum_t m_bt > 0} the sequences with at
-    least one valid token (a fully masked row is padding, not a sequence) and L = max_len:
+    """Reduce a per-token loss [B, T] to a scalar with the aggregation ``AGGREGATIONS[mode]`` (formulas above).
 
-        "token-mean":              sum_bt m_bt x_bt / sum_bt m_bt
-        "seq-mean-token-mean":     1/|S| sum_{b in S} (sum_t m_bt x_bt / sum_t m_bt)
-        "seq-mean-token-sum":      1/|S| sum_{b in S}  sum_t m_bt x_bt
-        "seq-mean-token-sum-norm": 1/(|S| L) sum_bt m_bt x_bt        (Dr. GRPO: a constant normaliser, so
-                                                                     long and short responses weigh the same
-                                                                     per token); needs max_len
-
-    ``max_len`` is ignored by the other modes. Every mode returns 0 when nothing is valid, still attached to
-    the graph with a zero gradient, so a fully padded micro-batch can go through backward.
+    ``max_len`` is needed by "seq-mean-token-sum-norm" and ignored by the other modes. Every mode returns 0 when
+    nothing is valid, still attached to the graph with a zero gradient, so a fully padded micro-batch can go
+    through backward.
     """
-    if mode not in AGG_MODES:
+    if mode not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGG_MODES}")
     if per_token.ndim != 2 or per_token.shape != mask.shape:
         raise ValueError(
             f"per_token and mask must both be [B, T], got {tuple(per_token.shape)} and {tuple(mask.shape)}"
         )
-    if mode == "token-mean":
-        return masked_mean(per_token, mask)
-    valid = mask != 0
-    has_tokens = valid.any(dim=-1)
-    if mode == "seq-mean-token-mean":
-        return masked_mean(masked_mean(per_token, valid, dim=-1), has_tokens)
-    seq_sum_mean = masked_mean(torch.where(valid, per_token, 0.0).sum(dim=-1), has_tokens)
-    if mode == "seq-mean-token-sum":
-        return seq_sum_mean
-    if max_len is None or max_len < 1:
-        raise ValueError(f"mode 'seq-mean-token-sum-norm' needs max_len >= 1, got {max_len!r}")
-    return seq_sum_mean / max_len
+    return AGGREGATIONS[mode].reduce(per_token, mask != 0, max_len)
 
 
 def policy_loss(
@@ -169,29 +200,45 @@ def truncated_importance_weights(
     return torch.exp(diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=cap)
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLKind = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman's k1/k2/k3), d = ref - logp:
+# Per-token estimators of KL(pi || pi_ref) from tokens sampled from pi (Schulman's k1/k2/k3), each a function of
+# d = ref - logp.
 
-        k1 = logp - ref = -d                        unbiased, high variance, can be negative
-        k2 = 0.5 (logp - ref)^2                     biased, low variance
-        k3 = clamp(exp(d) - d - 1, -10, 10)         unbiased, low variance, >= 0 (verl's "low_var_kl")
 
-    For k3, d is first clamped to [-20, 20] so exp(d) stays finite (inf would make the backward pass NaN
-    even where the outer clamp zeroes the gradient). The caller aggregates (e.g. ``aggregate``) and adds
-    kl_coef * KL to the loss (paper: 0.001), not to the reward. Computed in at least float32. Entries must be
-    finite everywhere, padding included (or masked to equal values beforehand): a NaN at a padded token
-    would give a NaN gradient there.
+def _k1(d: torch.Tensor) -> torch.Tensor:
+    """k1 = logp - ref = -d: unbiased, high variance, can be negative."""
+    return -d
+
+
+def _k2(d: torch.Tensor) -> torch.Tensor:
+    """k2 = 0.5 (logp - ref)^2: biased, low variance."""
+    return 0.5 * d.square()
+
+
+def _k3(d: torch.Tensor) -> torch.Tensor:
+    """k3 = clamp(exp(d) - d - 1, -10, 10): unbiased, low variance, >= 0 (verl's "low_var_kl").
+
+    d is first clamped to [-20, 20] so exp(d) stays finite (inf would make the backward pass NaN even where the
+    outer clamp zeroes the gradient).
     """
-    if kind not in KL_KINDS:
-        raise ValueError(f"unknown KL kind {kind!r}; expected one of {KL_KINDS}")
+    d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (torch.exp(d) - d - 1.0).clamp(-KL_CLAMP, KL_CLAMP)
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
+KLKind = Literal[tuple(KL_ESTIMATORS)]  # the config field's type
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLKind = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) with the estimator ``KL_ESTIMATORS[kind]`` (formulas above).
+
+    The caller aggregates (e.g. ``aggregate``) and adds kl_coef * KL to the loss (paper: 0.001), not to the
+    reward. Computed in at least float32. Entries must be finite everywhere, padding included (or masked to
+    equal values beforehand): a NaN at a padded token would give a NaN gradient there.
+    """
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL kind {kind!r}; expected one of {tuple(KL_ESTIMATORS)}")
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
-    diff = ref_logprobs.to(dtype) - logprobs.to(dtype)
-    if kind == "k1":
-        return -diff
-    if kind == "k2":
-        return 0.5 * diff.square()
-    diff = diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return (torch.exp(diff) - diff - 1.0).clamp(-KL_CLAMP, KL_CLAMP)
+    return KL_ESTIMATORS[kind](ref_logprobs.to(dtype) - logprobs.to(dtype))
 
 
 def _rowwise_fp32(

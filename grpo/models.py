@@ -37,8 +37,8 @@ from transformers import (
 # tokenizer_class values meaning "tokenizer.json is the whole tokenizer" (transformers 4.x and 5.x spellings)
 _GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
-Dtype = Literal["bfloat16", "float32", "auto"]
 _DTYPES: dict[str, torch.dtype | str] = {"bfloat16": torch.bfloat16, "float32": torch.float32, "auto": "auto"}
+Dtype = Literal[tuple(_DTYPES)]  # the names _DTYPES maps, listed once
 
 # Qwen's ChatML special tokens, so prompts and stop conditions are the same for the small model and Qwen2.5.
 PAD_TOKEN = "<|endoftext|>"

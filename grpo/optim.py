@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import torch
+
+LRSchedule = Literal["constant", "cosine"]  # after the warmup; the SFT and GRPO configs' field type
 
 
 def build_adamw(
@@ -22,10 +25,10 @@ def build_adamw(
 
 
 def lr_lambda(
-    *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float = 0.0
+    *, warmup_steps: int, total_steps: int, schedule: LRSchedule, min_lr_ratio: float = 0.0
 ) -> Callable[[int], float]:
     """Multiplier of the peak learning rate: linear warmup, then constant or cosine decay to `min_lr_ratio`."""
-    if schedule not in ("constant", "cosine"):
+    if schedule not in get_args(LRSchedule):
         raise ValueError(f"unknown lr schedule {schedule!r}")
 
     def factor(step: int) -> float:

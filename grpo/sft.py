@@ -11,12 +11,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from grpo.checkpoint import load_checkpoint, save_checkpoint
-from grpo.optim import IndexSampler, build_adamw, build_scheduler
+from grpo.optim import IndexSampler, LRSchedule, build_adamw, build_scheduler
 from grpo.run_log import RunLogger, step_progress
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class SFTConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     warmup_steps: int = 20
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_schedule: LRSchedule = "cosine"
     min_lr_ratio: float = 0.1
     max_length: int = 2048  # prompt + response tokens; longer pairs are dropped (and counted), not truncated
     # Batches of similar length (IndexSampler length groups of this many batches; 0 or 1: plain shuffle):

@@ -1,13 +1,15 @@
 """The GRPO loop, top to bottom (Shao et al. 2024; the paper's section 4 and appendix A.1).
 
-One step:
-  1. take `prompts_per_step` prompts and sample `group_size` responses for each (the generator);
-  2. score every response with the reward callable;
-  3. advantages A_i = (R_i - mean_group) / (std_group + eps)  (grpo.advantages);
-  4. old log-probabilities (the sampling policy) and reference log-probabilities (the frozen initial model);
-  5. `ppo_epochs` passes over shuffled mini-batches: clipped policy loss + kl_coef * KL(pi || pi_ref), micro-batch
-     gradient accumulation, gradient clipping, AdamW, learning-rate schedule;
-  6. push the new weights to the generator, log, checkpoint.
+One step (`GRPOTrainer.step`, a method per phase):
+  1. `_rollout`: take `prompts_per_step` prompts and sample `group_size` responses for each (the generator);
+  2. `_score`: score every response with the reward callable;
+  3. `_advantages`: A_i = (R_i - mean_group) / (std_group + eps)  (grpo.advantages);
+  4. `_logprobs`: old log-probabilities (the sampling policy) and reference log-probabilities (the frozen
+     initial model);
+  5. `_update`: `ppo_epochs` passes over shuffled mini-batches: clipped policy loss + kl_coef * KL(pi || pi_ref),
+     micro-batch gradient accumulation, gradient clipping, AdamW, learning-rate schedule;
+  6. `_sync_weights`, `_metrics`: push the new weights to the generator, reduce the metrics over ranks; `train`
+     then logs and checkpoints.
 
 The trainer knows nothing of crystals: prompts are texts with metadata, the reward is any
 `(metas, completions) -> (rewards, infos)` callable.
@@ -22,15 +24,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from grpo.advantages import group_advantages
+from grpo.advantages import AdvantageScale, group_advantages
 from grpo.checkpoint import load_checkpoint, save_checkpoint
 from grpo.distributed import (
     gather_objects,
@@ -43,8 +46,17 @@ from grpo.distributed import (
     world_size,
 )
 from grpo.generation import Generator, Rollout, SamplingConfig, decode_responses
-from grpo.losses import aggregate, kl_penalty, masked_mean, policy_loss, truncated_importance_weights
-from grpo.optim import IndexSampler, build_adamw, build_scheduler
+from grpo.losses import (
+    AGGREGATIONS,
+    AggMode,
+    KLKind,
+    aggregate,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    truncated_importance_weights,
+)
+from grpo.optim import IndexSampler, LRSchedule, build_adamw, build_scheduler
 from grpo.policy import batched_response_logprobs, response_logprobs
 from grpo.run_log import RunLogger, step_progress
 
@@ -80,18 +92,16 @@ class GRPOConfig:
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: LRSchedule = "constant"
     min_lr_ratio: float = 0.0
     # Loss (A.1: low-variance KL in the loss with coefficient 0.001, no entropy bonus)
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.001
-    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    kl_kind: KLKind = "k3"
     entropy_coef: float = 0.0
-    loss_agg: Literal[
-        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-    ] = "token-mean"
-    advantage_scale: Literal["group", "batch", "none"] = "group"
+    loss_agg: AggMode = "token-mean"
+    advantage_scale: AdvantageScale = "group"
     advantage_eps: float = 1e-6
     # Sampling (A.1: responses up to 1024 tokens)
     temperature: float = 1.0
@@ -140,17 +150,18 @@ def sanitize_rewards(rewards: Sequence[float]) -> tuple[torch.Tensor, int]:
     return values, int(bad.sum())
 
 
-def loss_normaliser(mask: torch.Tensor, agg: str) -> float:
-    """What `aggregate` divides by: valid tokens (token-mean) or non-empty sequences (the sequence modes)."""
-    if agg == "token-mean":
-        return float(mask.sum())
-    return float((mask.sum(1) > 0).sum())
-
-
-def micro_batch_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, agg: str) -> float:
+def micro_batch_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, agg: AggMode) -> float:
     """Share of a mini-batch's loss carried by one micro-batch, so accumulated gradients equal the full batch's:
-    loss_normaliser(micro) / loss_normaliser(mini)."""
-    return loss_normaliser(micro_mask, agg) / max(1.0, loss_normaliser(mini_mask, agg))
+    the micro-batch's units (tokens or sequences, what its aggregation divides by) over the mini-batch's."""
+    normaliser = AGGREGATIONS[agg].normaliser
+    return float(normaliser(micro_mask)) / max(1.0, float(normaliser(mini_mask)))
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
 
 
 class GRPOTrainer:
@@ -243,10 +254,46 @@ class GRPOTrainer:
         if is_main():
             self.logger.truncate_after(self.step_count)
 
-    # -- one step --------------------------------------------------------------------------------------------
-    def _score(self, metas: list[dict], texts: list[str]) -> tuple[list[float], list[dict]]:
-        """Rewards for every sample (NaN where none); a reward callable that raises (or returns something that
+    # -- one step: step() runs the six phases of the module docstring, one method each -------------------------
+    def step(self) -> dict[str, Any]:
+        """One GRPO step; returns its metrics (with each phase's wall time, the slowest rank's)."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        with _timed(timings, "generate"):
+            batch, rollout, texts = self._rollout()
+        with _timed(timings, "reward"):
+            local_rewards, infos = self._score(batch, texts)
+            rewards, nonfinite, advantages = self._advantages(local_rewards)
+        with _timed(timings, "logprob"):
+            old_logprobs, ref_logprobs = self._logprobs(rollout)
+        with _timed(timings, "update"):
+            lr = self.scheduler.get_last_lr()[0]  # the rate this update uses (_update steps the scheduler)
+            update_metrics = self._update(rollout, advantages, old_logprobs, ref_logprobs)
+        with _timed(timings, "sync"):
+            self._sync_weights()
+        self.step_count += 1
+        timings["step"] = time.perf_counter() - start
+        return self._metrics(rollout, rewards, nonfinite, infos, lr, update_metrics, timings)
+
+    def _rollout(self) -> tuple[list[PromptItem], Rollout, list[str]]:
+        """1. This rank's share of the step's prompts, `group_size` sampled responses to each, and their texts."""
+        cfg = self.config
+        # Every rank draws the same indices and takes its own contiguous share, so groups never span ranks.
+        share = cfg.prompts_per_step // self.world
+        indices = self.sampler.take(cfg.prompts_per_step)[self.rank * share : (self.rank + 1) * share]
+        batch = [self.prompts[i] for i in indices]
+        # fresh, reproducible samples each step and another stream on each rank (one rank: the plain seed)
+        self.sampling.seed = (cfg.seed * 1_000_003 + self.step_count) * self.world + self.rank
+        rollout = self.generator.generate([p.text for p in batch], cfg.group_size, self.sampling)
+        lag = self.weight_version - rollout.weight_version
+        if lag > cfg.max_weight_lag:
+            raise RuntimeError(f"rollout is {lag} weight versions old (max_weight_lag={cfg.max_weight_lag})")
+        return batch, rollout, decode_responses(self.tokenizer, rollout)
+
+    def _score(self, batch: list[PromptItem], texts: list[str]) -> tuple[list[float], list[dict]]:
+        """2. Rewards for every sample (NaN where none); a reward callable that raises (or returns something that
         is not one number per sample) costs this step its signal, not the run."""
+        metas = [p.meta for p in batch for _ in range(self.config.group_size)]
         try:
             rewards, infos = self.reward_fn(metas, texts)
             if len(rewards) != len(texts):
@@ -260,103 +307,41 @@ class GRPOTrainer:
             )
         return rewards, list(infos)
 
-    def step(self) -> dict[str, Any]:
+    def _advantages(self, local_rewards: list[float]) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """3. The whole batch's sanitised rewards, how many were not finite, and this rank's rows' advantages.
+
+        The rewards are gathered over ranks (rank order = prompt order), so advantages, the batch std included,
+        and the reward metrics are those of a single process.
+        """
         cfg = self.config
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-
-        # Every rank draws the same indices and takes its own contiguous share, so groups never span ranks.
-        share = cfg.prompts_per_step // self.world
-        indices = self.sampler.take(cfg.prompts_per_step)[self.rank * share : (self.rank + 1) * share]
-        batch = [self.prompts[i] for i in indices]
-        # fresh, reproducible samples each step and another stream on each rank (one rank: the plain seed)
-        self.sampling.seed = (cfg.seed * 1_000_003 + self.step_count) * self.world + self.rank
-        rollout: Rollout = self.generator.generate([p.text for p in batch], cfg.group_size, self.sampling)
-        lag = self.weight_version - rollout.weight_version
-        if lag > cfg.max_weight_lag:
-            raise RuntimeError(f"rollout is {lag} weight versions old (max_weight_lag={cfg.max_weight_lag})")
-        texts = decode_responses(self.tokenizer, rollout)
-        timings["generate"] = time.perf_counter() - t0
-
-        t = time.perf_counter()
-        metas = [p.meta for p in batch for _ in range(cfg.group_size)]
-        local_rewards, infos = self._score(metas, texts)
-        # The whole batch's rewards (rank order = prompt order), so advantages, the batch std included, and the
-        # reward metrics are those of a single process; each rank keeps the advantages of its own rows.
         all_rewards = gather_rows(torch.tensor(local_rewards, dtype=torch.float64))
         rewards, nonfinite = sanitize_rewards(all_rewards.tolist())
         advantages = group_advantages(
             rewards, cfg.group_size, scale=cfg.advantage_scale, eps=cfg.advantage_eps
         )
-        local_samples = rollout.num_samples
-        advantages = advantages[self.rank * local_samples : (self.rank + 1) * local_samples].float()
-        timings["reward"] = time.perf_counter() - t
+        n = len(local_rewards)
+        return rewards, nonfinite, advantages[self.rank * n : (self.rank + 1) * n].float()
 
-        num_samples = local_samples * self.world
-        mini_batch_size = cfg.mini_batch_size or num_samples
+    def _mini_batch_size(self, rollout: Rollout) -> int:
+        """Samples per optimizer step, over all ranks."""
+        return self.config.mini_batch_size or rollout.num_samples * self.world
+
+    def _logprobs(self, rollout: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """4. Old log-probs (the sampling policy) and reference log-probs (the frozen initial model), each None
+        where the update does not need it."""
+        cfg = self.config
+
+        def logprobs(model) -> torch.Tensor:
+            return batched_response_logprobs(
+                model, rollout, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature
+            )
+
         # One epoch over one mini-batch is exactly on-policy: the old log-probs equal the current ones at the
         # start of the update, so take them (detached) from the update's own forward pass and skip a pass.
-        reuse_current_as_old = cfg.ppo_epochs == 1 and mini_batch_size >= num_samples
-        t = time.perf_counter()
-        old_logprobs = None
-        if not reuse_current_as_old:
-            old_logprobs = batched_response_logprobs(
-                self.model, rollout, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature
-            )
-        ref_logprobs = None
-        if self.ref_model is not None:
-            ref_logprobs = batched_response_logprobs(
-                self.ref_model, rollout, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature
-            )
-        timings["logprob"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses (_update steps the scheduler)
-        # each rank's part of a mini-batch is an equal share of its rows
-        local_mini = mini_batch_size // self.world
-        update_metrics = self._update(rollout, advantages, old_logprobs, ref_logprobs, local_mini)
-        # the ranks' shares of the loss add up to the batch's; the other values are averages over micro-batches
-        update_metrics = {
-            "loss": sum_over_ranks(update_metrics.pop("loss")),
-            **reduce_metrics(update_metrics),
-        }
-        timings["update"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        self.weight_version += 1
-        self.generator.weight_version = self.weight_version
-        sync = getattr(self.generator, "load_weights", None)
-        if callable(sync):
-            sync(self.model, self.weight_version)
-        timings["sync"] = time.perf_counter() - t
-        self.step_count += 1
-
-        timings["step"] = time.perf_counter() - t0
-        timings = reduce_metrics(timings, "max")  # a step lasts as long as its slowest rank
-        total_time = timings.pop("step")
-        response_lengths = gather_rows(rollout.response_mask.sum(1).float())
-        truncated = gather_rows(rollout.truncated.float())
-        tokens = sum_over_ranks(float(rollout.prompt_mask.sum() + rollout.response_mask.sum()))
-        penalties = Counter(p for p in gather_objects([info.get("penalty") for info in infos]) if p)
-        metrics: dict[str, Any] = {
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std(unbiased=False).item(),
-            "reward_min": rewards.min().item(),
-            "reward_max": rewards.max().item(),
-            "valid_fraction": 1.0 - sum(penalties.values()) / num_samples,
-            "nonfinite_rewards": nonfinite,
-            "response_length": response_lengths.mean().item(),
-            "truncated_fraction": truncated.mean().item(),
-            "lr": lr,
-            "tokens_per_s": tokens / total_time,
-            **update_metrics,
-            **{f"time_{k}": v for k, v in timings.items()},
-            # a generator that syncs weights reports the last push (ms, bytes): sync_ms, sync_bytes
-            **{f"sync_{k}": v for k, v in (getattr(self.generator, "last_sync", None) or {}).items()},
-            "time_step": total_time,
-            **{f"penalty/{reason}": count for reason, count in sorted(penalties.items())},
-        }
-        return metrics
+        on_policy = cfg.ppo_epochs == 1 and self._mini_batch_size(rollout) >= rollout.num_samples * self.world
+        old_logprobs = None if on_policy else logprobs(self.model)
+        ref_logprobs = None if self.ref_model is None else logprobs(self.ref_model)
+        return old_logprobs, ref_logprobs
 
     def _update(
         self,
@@ -364,9 +349,11 @@ class GRPOTrainer:
         advantages: torch.Tensor,
         old_logprobs: torch.Tensor | None,
         ref_logprobs: torch.Tensor | None,
-        mini_batch_size: int,
     ) -> dict[str, float]:
+        """5. `ppo_epochs` passes over shuffled mini-batches, one optimizer step each; the metrics over ranks."""
         cfg = self.config
+        # each rank's part of a mini-batch is an equal share of its rows
+        mini_batch_size = self._mini_batch_size(rollout) // self.world
         self.model.train()
         device = next(self.model.parameters()).device
         max_len = cfg.max_new_tokens
@@ -380,7 +367,7 @@ class GRPOTrainer:
                 mini_mask = rollout.response_mask[mini]
                 # This rank's share of the mini-batch's loss over all ranks (1 for one process): the sharded
                 # gradients are summed over ranks, so the shares make up the whole mini-batch's mean.
-                local_norm = loss_normaliser(mini_mask, cfg.loss_agg)
+                local_norm = float(AGGREGATIONS[cfg.loss_agg].normaliser(mini_mask))
                 rank_share = local_norm / max(1.0, sum_over_ranks(local_norm))
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(mini), cfg.micro_batch_size):
@@ -449,7 +436,53 @@ class GRPOTrainer:
         out["loss"] = sums["loss"] / max(1, updates)
         out["grad_norm"] = sums["grad_norm"] / max(1, updates)
         out["skipped_updates"] = sums["skipped_updates"]
-        return out
+        # the ranks' shares of the loss add up to the batch's; the other values are averages over micro-batches
+        return {"loss": sum_over_ranks(out.pop("loss")), **reduce_metrics(out)}
+
+    def _sync_weights(self) -> None:
+        """6. The updated weights become the generator's: a new weight version, loaded by a generator that
+        keeps its own copy (vLLM)."""
+        self.weight_version += 1
+        self.generator.weight_version = self.weight_version
+        sync = getattr(self.generator, "load_weights", None)
+        if callable(sync):
+            sync(self.model, self.weight_version)
+
+    def _metrics(
+        self,
+        rollout: Rollout,
+        rewards: torch.Tensor,
+        nonfinite: int,
+        infos: list[dict],
+        lr: float,
+        update_metrics: dict[str, float],
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        """6. The step's metrics over all ranks (every rank takes part; train() has rank 0 log them)."""
+        timings = reduce_metrics(timings, "max")  # a step lasts as long as its slowest rank
+        total_time = timings.pop("step")
+        response_lengths = gather_rows(rollout.response_mask.sum(1).float())
+        truncated = gather_rows(rollout.truncated.float())
+        tokens = sum_over_ranks(float(rollout.prompt_mask.sum() + rollout.response_mask.sum()))
+        penalties = Counter(p for p in gather_objects([info.get("penalty") for info in infos]) if p)
+        return {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std(unbiased=False).item(),
+            "reward_min": rewards.min().item(),
+            "reward_max": rewards.max().item(),
+            "valid_fraction": 1.0 - sum(penalties.values()) / (rollout.num_samples * self.world),
+            "nonfinite_rewards": nonfinite,
+            "response_length": response_lengths.mean().item(),
+            "truncated_fraction": truncated.mean().item(),
+            "lr": lr,
+            "tokens_per_s": tokens / total_time,
+            **update_metrics,
+            **{f"time_{k}": v for k, v in timings.items()},
+            # a generator that syncs weights reports the last push (ms, bytes): sync_ms, sync_bytes
+            **{f"sync_{k}": v for k, v in (getattr(self.generator, "last_sync", None) or {}).items()},
+            "time_step": total_time,
+            **{f"penalty/{reason}": count for reason, count in sorted(penalties.items())},
+        }
 
     # -- the run ---------------------------------------------------------------------------------------------
     def train(self, *, progress: bool = True) -> list[dict[str, Any]]:

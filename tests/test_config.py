@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 import pytest
 
+from grpo.advantages import ADVANTAGE_SCALINGS
 from grpo.config import ConfigError, build_config, load_sections, parse_overrides, to_toml
+from grpo.losses import AGGREGATIONS, KL_ESTIMATORS
 from grpo.sft import SFTConfig
 from grpo.trainer import GRPOConfig
 
@@ -88,6 +91,18 @@ def test_literal_and_type_validation():
     with pytest.raises(ConfigError, match="total_steps expects int, got True"):
         build_config(GRPOConfig, {"total_steps": True})
     assert build_config(GRPOConfig, {"total_steps": 3.0}).total_steps == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "registry"),
+    [("loss_agg", AGGREGATIONS), ("kl_kind", KL_ESTIMATORS), ("advantage_scale", ADVANTAGE_SCALINGS)],
+)
+def test_variant_fields_accept_exactly_their_registry(field, registry):
+    assert typing.get_args(typing.get_type_hints(GRPOConfig)[field]) == tuple(registry)
+    for name in registry:
+        assert getattr(build_config(GRPOConfig, {field: name}, section="grpo"), field) == name
+    with pytest.raises(ConfigError, match=f"grpo.{field} must be one of"):
+        build_config(GRPOConfig, {field: "no-such-variant"}, section="grpo")
 
 
 def test_optional_bool_and_string_fields():

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from grpo.losses import (
     AGG_MODES,
+    AGGREGATIONS,
     aggregate,
     entropy_from_logits,
     kl_penalty,
@@ -135,6 +136,38 @@ def test_aggregate_invariant_to_padding_property(batch, mode):
         rtol=1e-6,
         atol=1e-5,
     )
+
+
+# aggregate * normaliser on PER_TOKEN / MASK: the sum over units (tokens or sequences) that aggregate averages
+AGG_SUMS = {
+    "token-mean": 1.0 + 2.0 + 3.0,  # tokens
+    "seq-mean-token-mean": 1.5 + 3.0,  # row means
+    "seq-mean-token-sum": 3.0 + 3.0,  # row sums
+    "seq-mean-token-sum-norm": (3.0 + 3.0) / 4,  # row sums / max_len
+}
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_each_normaliser_is_what_its_aggregation_divides_by(mode):
+    mask = torch.tensor(MASK)
+    total = aggregate(torch.tensor(PER_TOKEN), mask, mode, max_len=4) * AGGREGATIONS[mode].normaliser(mask)
+    assert total.item() == pytest.approx(AGG_SUMS[mode])
+
+
+@settings(max_examples=60, deadline=None)
+@given(padded_batches(), st.sampled_from(AGG_MODES), st.data())
+def test_aggregate_times_normaliser_adds_up_over_a_split_of_the_rows(batch, mode, data):
+    # what micro-batch accumulation relies on: each part's share normaliser(part) / normaliser(whole)
+    x, valid, _, garbage = batch
+    x = torch.where(valid, x, garbage).double()
+    cut = data.draw(st.integers(0, x.shape[0]))
+    normaliser = AGGREGATIONS[mode].normaliser
+
+    def summed(rows: slice) -> torch.Tensor:
+        return aggregate(x[rows], valid[rows], mode, max_len=8) * normaliser(valid[rows])
+
+    parts = summed(slice(0, cut)) + summed(slice(cut, None))
+    torch.testing.assert_close(parts, summed(slice(None)), rtol=1e-9, atol=1e-9)
 
 
 # ---------------------------------------------------------------- policy_loss
