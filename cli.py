@@ -61,18 +61,13 @@ def user_errors() -> Iterator[None]:
         raise fail(str(err)) from None
 
 
-def check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise fail(f"--out {out} exists and is not a directory")
-
-
 def configs_with(sections: dict, config: Path | None, overrides: list[str] | None, **options) -> dict:
     """Config tables from --config, then --set, then the command's own options (`table__key=value`; None:
     not given), all checked by the same loader."""
     from pipeline.config import load_configs
 
     given = [f"{name.replace('__', '.')}={value}" for name, value in options.items() if value is not None]
-    return load_configs(sections, config, [*(overrides or []), *given])
+    return load_configs(sections, config, [*(overrides or []), *given], other_tables="sample" in sections)
 
 
 @data_app.command("info")
@@ -114,17 +109,11 @@ def sft(
     resume: ResumeOption = True,
 ) -> None:
     """Supervised fine-tuning: prompt for a formula -> its ground-truth structure (train split; eval on val)."""
-    from grpo.sft import SFTConfig
-    from pipeline.config import RunConfig, refuse_changed_settings
-    from pipeline.runs import run_sft
+    from pipeline.runs import SFT_SECTIONS, sft_from_configs
 
-    check_out(out)
     with user_errors():
-        configs = configs_with(
-            {"run": RunConfig, "sft": SFTConfig}, config, set_, run__model=model, run__data_dir=data_dir
-        )
-        refuse_changed_settings(out, configs, resume)
-        run_sft(configs["run"], configs["sft"], out, resume=resume, record=configs)
+        configs = configs_with(SFT_SECTIONS, config, set_, run__model=model, run__data_dir=data_dir)
+        sft_from_configs(configs, out, resume)
 
 
 @app.command()
@@ -141,50 +130,44 @@ def train(
     """GRPO on prompts for the training split's formulas, rewarded by a crystal reward.
 
     Sharded on N processes: `torchrun --nproc-per-node N $(which crystal-grpo) train ...` (gloo on CPU)."""
-    from grpo.generation import GeneratorConfig
-    from grpo.trainer import GRPOConfig
-    from pipeline.config import RewardConfig, RunConfig, refuse_changed_settings
-    from pipeline.runs import build_reward_fn, run_grpo
+    from pipeline.runs import TRAIN_SECTIONS, train_from_configs
 
-    check_out(out)
-    sections = {"run": RunConfig, "grpo": GRPOConfig, "reward": RewardConfig, "generator": GeneratorConfig}
     if generator is not None and generator not in ("hf", "vllm", "vllm-server"):
         raise fail(f"unknown generator {generator!r}; choose hf, vllm or vllm-server")
     with user_errors():
         options = dict(
             run__model=model, run__data_dir=data_dir, reward__name=reward, generator__kind=generator
         )
-        configs = configs_with(sections, config, set_, **options)
-        refuse_changed_settings(out, configs, resume)
-        reward_fn = build_reward_fn(configs["reward"], configs["run"].data_dir)
-        run, grpo, generator_config = configs["run"], configs["grpo"], configs["generator"]
-        run_grpo(run, grpo, generator_config, reward_fn, out, resume=resume, record=configs)
+        train_from_configs(configs_with(TRAIN_SECTIONS, config, set_, **options), out, resume)
 
 
 @app.command()
 def sample(
     model: Annotated[str, option("Model path (e.g. a run's final_model) or hub name.")],
     out: Annotated[Path, option("--out", "JSONL file to write.")],
-    split: Annotated[str, option("Split whose formulas are prompted.")] = "test",
-    num_formulas: Annotated[int, option("How many distinct formulas.")] = 20,
-    samples_per_formula: Annotated[int, option("Samples per formula.")] = 4,
-    temperature: float = 1.0,
-    max_new_tokens: int = 512,
-    seed: int = 0,
+    split: Annotated[str | None, option("Split whose formulas are prompted (test).")] = None,
+    num_formulas: Annotated[int | None, option("How many distinct formulas (20).")] = None,
+    samples_per_formula: Annotated[int | None, option("Samples per formula (4).")] = None,
+    constraint: Annotated[str | None, option("none, format, elements or formula (formula).")] = None,
+    generator: Annotated[str | None, option("hf (default), vllm or vllm-server.")] = None,
     data_dir: DataDirOption = None,
+    config: Annotated[Path | None, option("--config", "TOML config, e.g. RUN/config.toml.")] = None,
+    set_: SetOption = None,
 ) -> None:
-    """Sample structures for a split's formulas; writes JSONL (id, formula, text, parse status, CIF)."""
-    from grpo.config import build_config
+    """Sample structures for a split's formulas ([sample] table: temperature, max_new_tokens, seed, ...);
+    writes JSONL (id, formula, constraint, text, parse status, CIF)."""
+    from grpo.generation import GeneratorConfig
     from pipeline.config import RunConfig, SampleConfig
     from pipeline.runs import parse_summary, write_samples
 
     if out.exists() and out.is_dir():
         raise fail(f"--out {out} is a directory; give a .jsonl file path")
+    sections = {"run": RunConfig, "sample": SampleConfig, "generator": GeneratorConfig}
+    options = dict(sample__split=split, sample__num_formulas=num_formulas, run__constraint=constraint)
+    options |= dict(sample__samples_per_formula=samples_per_formula, generator__kind=generator)
     with user_errors():
-        settings = dict(split=split, num_formulas=num_formulas, samples_per_formula=samples_per_formula)
-        settings |= dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        run = RunConfig(model=model, data_dir=str(data_dir) if data_dir else None, seed=seed)
-        records = write_samples(run, model, build_config(SampleConfig, settings, section="sample"), out)
+        configs = configs_with(sections, config, set_, run__data_dir=data_dir, **options)
+        records = write_samples(configs["run"], model, configs["sample"], out, None, configs["generator"])
     console.print(f"wrote {len(records)} samples to {out}; {parse_summary(records)}")
 
 
@@ -214,40 +197,26 @@ def reward(
 def evaluate(
     samples: Annotated[list[Path], typer.Argument(help="Samples JSONL files; several -> one comparison.")],
     out: Annotated[Path, option("--out", "Report directory; re-running resumes the relaxations.")],
-    relaxer: Annotated[str, option("chgnet, sevenn or uma (--relaxer-option checkpoint=PATH).")] = "chgnet",
+    relaxer: Annotated[str | None, option("chgnet (default), sevenn or uma (needs a checkpoint).")] = None,
     relaxer_option: Annotated[list[str] | None, option("KEY=VALUE for the relaxer's calculator.")] = None,
     train_data: DataDirOption = None,
     train_limit: Annotated[int | None, option("Novelty against the first N training structures.")] = None,
     workers: Annotated[int | None, option("Relaxation processes (default: one per core).")] = None,
-    fmax: Annotated[float, option("Relaxation force threshold, eV/A (paper: 0.02).")] = 0.02,
-    max_steps: Annotated[int, option("Relaxation steps at most (paper: 100).")] = 100,
-    timeout: Annotated[float, option("Seconds per structure before it counts as timed out.")] = 600.0,
+    max_steps: Annotated[int | None, option("Relaxation steps at most (paper: 100).")] = None,
     training_log: Annotated[Path | None, option("A run's train_log.jsonl, for the training curves.")] = None,
+    set_: SetOption = None,
 ) -> None:
-    """Relax generated structures; write the paper's Tables 1 and 2, metrics.json, CSV, CIFs and plots."""
-    from evaluation.relax import RelaxConfig
-    from evaluation.report import evaluate_samples
-    from pipeline.config import key_values
+    """Relax generated structures ([relax] table: fmax 0.02, timeout_s, ...); write the paper's Tables 1 and 2,
+    metrics.json, CSV, CIFs and plots."""
+    from pipeline.runs import EVALUATE_SECTIONS, evaluate_from_configs
 
     missing = [str(p) for p in samples if not p.is_file()]
     if missing:
         raise fail(f"samples file(s) not found: {', '.join(missing)}")
-    check_out(out)
+    options = dict(evaluate__relaxer=relaxer, evaluate__train_limit=train_limit, evaluate__workers=workers)
     with user_errors():
-        try:
-            evaluate_samples(
-                samples,
-                out_dir=out,
-                relaxer=relaxer,
-                relaxer_options=key_values(relaxer_option or [], "--relaxer-option"),
-                data_dir=train_data,
-                train_limit=train_limit,
-                workers=workers,
-                relax_config=RelaxConfig(fmax=fmax, max_steps=max_steps, timeout_s=timeout),
-                training_log=training_log,
-            )
-        except (ValueError, ImportError, FileNotFoundError) as err:
-            raise fail(str(err)) from None
+        configs = configs_with(EVALUATE_SECTIONS, None, set_, relax__max_steps=max_steps, **options)
+        evaluate_from_configs(configs, samples, out, relaxer_option or [], train_data, training_log)
     for name in ("table1.md", "table2.md"):
         console.print((out / name).read_text())
     console.print(f"report written to {out}")
@@ -265,7 +234,6 @@ def demo(
     """The whole pipeline on the packaged data: small model -> SFT -> GRPO -> sample -> relax -> tables."""
     from pipeline.demo import DEMO_SECTIONS, demo_preset, print_demo_report, run_demo
 
-    check_out(out)
     with user_errors():
         path = demo_preset(quick, config)
         configs = configs_with(DEMO_SECTIONS, path, set_, run__data_dir=data_dir, reward__name=reward)
@@ -274,9 +242,27 @@ def demo(
 
 
 @app.command()
+def reproduce(
+    out: Annotated[Path, option("--out", "Run directory; run again to continue.")] = Path("runs/reproduce"),
+    data_dir: DataDirOption = None,
+    arm: Annotated[list[str] | None, option("--arm", "Run (or continue) only this arm (repeatable).")] = None,
+    scale: Annotated[str, option("--scale", "cpu (configs/reproduce.toml), tiny or paper.")] = "cpu",
+    set_: SetOption = None,
+) -> None:
+    """The paper's experiment: SFT, GRPO arms (E_tot, E_hull, diversity; constrained or not), relaxation,
+    SevenNet re-score, Tables 1 and 2 with 95 % bootstrap intervals (RUN/report/reproduction.md)."""
+    from pipeline.reproduce import load_arms, reproduce, reproduce_preset
+
+    with user_errors():
+        given = [f"run.data_dir={data_dir}"] if data_dir is not None else []
+        shared, arms = load_arms(reproduce_preset(scale), [*(set_ or []), *given])
+        reproduce(out, shared, arms, arm)
+
+
+@app.command()
 def bench(
     names: Annotated[
-        list[str] | None, typer.Argument(help="grpo_step, rollout, reward, weight_sync (all).")
+        list[str] | None, typer.Argument(help="grpo_step, rollout, reward, weight_sync.")
     ] = None,
     quick: Annotated[bool, option("--quick", "Small configurations (under 3 minutes).")] = False,
     out: Annotated[Path, option("--out", "Where results.json and results.md go.")] = Path("bench"),
@@ -285,12 +271,14 @@ def bench(
     """Throughput benchmarks, side by side in one run: our GRPO step vs TRL's, HF vs vLLM rollout, rewards,
     weight sync. Writes JSON and a Markdown table with machine info."""
     from benchmarks.run import run_benchmarks
+    from pipeline.config import check_run_dir
 
-    check_out(out)
-    try:
-        markdown = run_benchmarks(names, quick, out, threads)
-    except ValueError as err:
-        raise fail(str(err)) from None
+    with user_errors():
+        check_run_dir(out)
+        try:
+            markdown = run_benchmarks(names, quick, out, threads)
+        except ValueError as err:
+            raise fail(str(err)) from None
     console.print(markdown.read_text())
     console.print(f"results: {markdown} and {markdown.with_name('results.json')}")
 

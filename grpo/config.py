@@ -112,12 +112,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
 
 
 def load_sections(
-    sections: dict[str, type], toml_path: str | Path | None = None, overrides: list[str] | None = None
+    sections: dict[str, type],
+    toml_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    other_tables: bool = False,
 ) -> dict[str, Any]:
-    """Fill each named dataclass from the TOML table of that name, then apply `section.key=value` overrides."""
+    """Fill each named dataclass from the TOML table of that name, then apply `section.key=value` overrides.
+    A table the file holds but `sections` does not name is an error (a typo), unless `other_tables`."""
     raw = read_toml(toml_path)
     unknown = sorted(set(raw) - set(sections))
-    if unknown:
+    if unknown and not other_tables:
         raise ConfigError(f"unknown config table(s) {unknown}; known: {sorted(sections)}")
     for section, values in parse_overrides(overrides or []).items():
         if section not in sections:

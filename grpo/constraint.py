@@ -175,18 +175,23 @@ class ConstraintLogitsProcessor(LogitsProcessor):
         return TokenMasks(index, self.table.tensor(), self.constraint.vocab_size)
 
 
-def concat_masks(parts: Sequence[TokenMasks], length: int) -> TokenMasks:
+def concat_masks(
+    parts: Sequence[TokenMasks | None], length: int, rows: Sequence[int] | None = None
+) -> TokenMasks:
     """Rows of several TokenMasks (e.g. the chunks of a batched generate) as one, responses padded to
-    `length`; the tables are merged."""
-    if not parts:
+    `length`; the tables are merged. A None part (an unconstrained rollout, `rows[i]` rows) allows everything."""
+    reference = next((part for part in parts if part is not None), None)
+    if reference is None:
         raise ValueError("no masks to concatenate")
-    words = parts[0].table.shape[1]
-    table = _MaskTable(words)
+    table = _MaskTable(reference.table.shape[1])
     indices = []
-    for part in parts:
+    for i, part in enumerate(parts):
+        if part is None:
+            indices.append(torch.zeros((rows[i], length), dtype=torch.long))
+            continue
         remap = torch.tensor([table.add(mask) for mask in part.table], dtype=torch.long)
         index = torch.zeros((part.index.shape[0], length), dtype=torch.long)
         width = min(length, part.index.shape[1])
         index[:, :width] = remap[part.index[:, :width]]
         indices.append(index)
-    return TokenMasks(torch.cat(indices), table.tensor(), parts[0].vocab_size)
+    return TokenMasks(torch.cat(indices), table.tensor(), reference.vocab_size)

@@ -69,6 +69,50 @@ class Rollout:
     def num_samples(self) -> int:
         return self.response_ids.shape[0]
 
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rollout of some rows (e.g. the groups dynamic sampling keeps)."""
+        return Rollout(
+            prompt_ids=self.prompt_ids[rows],
+            prompt_mask=self.prompt_mask[rows],
+            response_ids=self.response_ids[rows],
+            response_mask=self.response_mask[rows],
+            truncated=self.truncated[rows],
+            logprobs=self.logprobs[rows] if self.logprobs is not None else None,
+            weight_version=self.weight_version,
+            masks=self.masks.rows(rows) if self.masks is not None else None,
+        )
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int = 0) -> Rollout:
+    """The rows of several rollouts as one: prompts left-padded, responses right-padded to common widths
+    (padding is masked out, so its token id never matters). Constraint masks are merged (an unconstrained
+    part allows everything), and all parts must be from one weight version."""
+    if len({part.weight_version for part in parts}) != 1:
+        raise ValueError("rollouts of different weight versions cannot be merged")
+    p_len = max(part.prompt_ids.shape[1] for part in parts)
+    r_len = max(part.response_ids.shape[1] for part in parts)
+
+    def left(x: torch.Tensor, width: int, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    def right(x: torch.Tensor, width: int, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    with_masks = any(part.masks is not None for part in parts)
+    with_logprobs = all(part.logprobs is not None for part in parts)
+    return Rollout(
+        prompt_ids=torch.cat([left(p.prompt_ids, p_len, pad_token_id) for p in parts]),
+        prompt_mask=torch.cat([left(p.prompt_mask, p_len, 0) for p in parts]),
+        response_ids=torch.cat([right(p.response_ids, r_len, pad_token_id) for p in parts]),
+        response_mask=torch.cat([right(p.response_mask, r_len, 0) for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+        logprobs=torch.cat([right(p.logprobs, r_len, 0.0) for p in parts]) if with_logprobs else None,
+        weight_version=parts[0].weight_version,
+        masks=concat_masks([p.masks for p in parts], r_len, [p.num_samples for p in parts])
+        if with_masks
+        else None,
+    )
+
 
 class Generator(Protocol):
     """Anything that samples `n` responses per prompt text, each prompt optionally under its own constraint

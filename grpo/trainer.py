@@ -22,6 +22,7 @@ grpo/distributed.py for how); metrics are reduced over ranks, and rank 0 alone w
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +46,7 @@ from grpo.distributed import (
     sum_over_ranks,
     world_size,
 )
-from grpo.generation import Generator, Rollout, SamplingConfig, decode_responses
+from grpo.generation import Generator, Rollout, SamplingConfig, concat_rollouts, decode_responses
 from grpo.losses import (
     AGGREGATIONS,
     AggMode,
@@ -67,10 +68,12 @@ RewardFn = Callable[[Sequence[dict], Sequence[str]], tuple[list[float], list[dic
 
 @dataclass
 class PromptItem:
-    """A prompt ready for the tokenizer (chat template applied) and the metadata the reward needs."""
+    """A prompt ready for the tokenizer (chat template applied), the metadata the reward needs, and optionally a
+    constraint on its responses (a grammar spec, see grpo.constraint)."""
 
     text: str
     meta: dict[str, Any] = field(default_factory=dict)
+    constraint: str | None = None
 
 
 @dataclass
@@ -112,6 +115,11 @@ class GRPOConfig:
     # Truncated importance sampling: when the generator returns its own log-probs (vLLM), weight each token's
     # policy loss by min(p_trainer / p_sampler, tis_cap) to correct for the engines' numeric mismatch; 0: off
     tis_cap: float = 0.0
+    # Dynamic sampling (DAPO; verl's filter_groups): a group whose rewards are all equal has zero advantages and
+    # teaches nothing. Drop such groups and sample more prompts to refill the step, in at most
+    # `max_sampling_rounds` rounds (then the step trains on what it has). One process only.
+    drop_zero_std_groups: bool = False
+    max_sampling_rounds: int = 4
     # Bookkeeping
     seed: int = 0
     checkpoint_every: int = 50
@@ -128,7 +136,7 @@ class GRPOConfig:
             "micro_batch_size",
             "max_new_tokens",
         )
-        positive += ("checkpoint_every", "log_every")
+        positive += ("checkpoint_every", "log_every", "max_sampling_rounds")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -157,11 +165,40 @@ def micro_batch_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, agg: A
     return float(normaliser(micro_mask)) / max(1.0, float(normaliser(mini_mask)))
 
 
+def trainable_tokens(rollout: Rollout) -> torch.Tensor:
+    """[N, R] long: the response tokens the loss counts. A token its constraint forced (the only one allowed)
+    has log-probability 0 under every policy, hence ratio 1, KL 0, entropy 0 and no gradient; it is left out
+    of the loss altogether, so it adds exactly 0 and does not count in any normaliser: not in token-mean's
+    token count, not in a sequence's own token count (seq-mean-token-mean), and in the sequence modes a
+    response whose tokens were all forced is not a sequence at all (the sum-norm's constant L is unchanged)."""
+    if rollout.masks is None:
+        return rollout.response_mask
+    return rollout.response_mask * (~rollout.masks.forced()).long()
+
+
+def info_means(infos: Sequence[dict]) -> dict[str, float]:
+    """Mean of each numeric value the reward reported in its infos (e.g. energy_per_atom), over the samples
+    that report it: what the reward saw, logged next to the reward itself."""
+    values: dict[str, list[float]] = {}
+    for info in infos:
+        for key, value in info.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                values.setdefault(key, []).append(float(value))
+    return {key: sum(v) / len(v) for key, v in sorted(values.items())}
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """bool [groups]: groups whose rewards are all equal (their advantages are all 0)."""
+    groups = rewards.view(-1, group_size)
+    return groups.amax(dim=1) == groups.amin(dim=1)
+
+
 @contextmanager
 def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall time to timings[name]."""
     start = time.perf_counter()
     yield
-    timings[name] = time.perf_counter() - start
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 class GRPOTrainer:
@@ -197,6 +234,10 @@ class GRPOTrainer:
                 raise ValueError(
                     f"prompts_per_step ({config.prompts_per_step}) and mini_batch_size ({config.mini_batch_size}) "
                     f"must be multiples of the number of ranks ({self.world})"
+                )
+            if config.drop_zero_std_groups:
+                raise ValueError(
+                    "drop_zero_std_groups runs in one process only (each rank would refill apart)"
                 )
             if hasattr(generator, "synced_gpus"):
                 generator.synced_gpus = True  # sharded generate: ranks step together (see HFGenerator)
@@ -263,6 +304,11 @@ class GRPOTrainer:
             batch, rollout, texts = self._rollout()
         with _timed(timings, "reward"):
             local_rewards, infos = self._score(batch, texts)
+        sampling = {"frac_reward_zero_std": self._zero_std_fraction(local_rewards)}
+        if self.config.drop_zero_std_groups:
+            rollout, local_rewards, infos, refill = self._refill(rollout, local_rewards, infos, timings)
+            sampling |= refill
+        with _timed(timings, "reward"):
             rewards, nonfinite, advantages = self._advantages(local_rewards)
         with _timed(timings, "logprob"):
             old_logprobs, ref_logprobs = self._logprobs(rollout)
@@ -273,22 +319,71 @@ class GRPOTrainer:
             self._sync_weights()
         self.step_count += 1
         timings["step"] = time.perf_counter() - start
-        return self._metrics(rollout, rewards, nonfinite, infos, lr, update_metrics, timings)
+        metrics = self._metrics(rollout, rewards, nonfinite, infos, lr, update_metrics, timings)
+        return {**metrics, **sampling}
 
-    def _rollout(self) -> tuple[list[PromptItem], Rollout, list[str]]:
-        """1. This rank's share of the step's prompts, `group_size` sampled responses to each, and their texts."""
+    def _rollout(self, sampling_round: int = 0) -> tuple[list[PromptItem], Rollout, list[str]]:
+        """1. This rank's share of the step's prompts, `group_size` sampled responses to each (under each
+        prompt's constraint), and their texts."""
         cfg = self.config
         # Every rank draws the same indices and takes its own contiguous share, so groups never span ranks.
         share = cfg.prompts_per_step // self.world
         indices = self.sampler.take(cfg.prompts_per_step)[self.rank * share : (self.rank + 1) * share]
         batch = [self.prompts[i] for i in indices]
-        # fresh, reproducible samples each step and another stream on each rank (one rank: the plain seed)
-        self.sampling.seed = (cfg.seed * 1_000_003 + self.step_count) * self.world + self.rank
-        rollout = self.generator.generate([p.text for p in batch], cfg.group_size, self.sampling)
+        # fresh, reproducible samples each step (and refill round) and another stream on each rank
+        step_seed = (cfg.seed * 1_000_003 + self.step_count) * cfg.max_sampling_rounds + sampling_round
+        self.sampling.seed = step_seed * self.world + self.rank
+        constraints = [p.constraint for p in batch]
+        if all(spec is None for spec in constraints):
+            constraints = None
+        rollout = self.generator.generate([p.text for p in batch], cfg.group_size, self.sampling, constraints)
         lag = self.weight_version - rollout.weight_version
         if lag > cfg.max_weight_lag:
             raise RuntimeError(f"rollout is {lag} weight versions old (max_weight_lag={cfg.max_weight_lag})")
         return batch, rollout, decode_responses(self.tokenizer, rollout)
+
+    def _zero_std_fraction(self, local_rewards: list[float]) -> float:
+        """Share of the step's groups whose rewards are all equal (over all ranks)."""
+        rewards, _ = sanitize_rewards(gather_rows(torch.tensor(local_rewards, dtype=torch.float64)).tolist())
+        return zero_std_groups(rewards, self.config.group_size).float().mean().item()
+
+    def _refill(
+        self, rollout: Rollout, rewards: list[float], infos: list[dict], timings: dict[str, float]
+    ) -> tuple[Rollout, list[float], list[dict], dict[str, float]]:
+        """1-2 again, for dynamic sampling: keep the groups with unequal rewards, sample and score more prompts
+        until `prompts_per_step` groups are kept or `max_sampling_rounds` rounds are done, and train on the
+        kept groups (on the whole first round when none has a signal: its update is then a KL step only)."""
+        cfg, n = self.config, self.config.group_size
+        first = (rollout, rewards, infos)
+        parts: list[tuple[Rollout, list[float], list[dict]]] = []
+        kept, dropped, rounds = 0, 0, 1
+        while True:
+            signal = ~zero_std_groups(sanitize_rewards(rewards)[0], n)
+            dropped += int((~signal).sum())
+            groups = signal.nonzero().flatten()[: cfg.prompts_per_step - kept]
+            if len(groups):
+                rows = (groups[:, None] * n + torch.arange(n)).flatten()
+                parts.append((rollout.select(rows), [rewards[i] for i in rows], [infos[i] for i in rows]))
+                kept += len(groups)
+            if kept >= cfg.prompts_per_step or rounds >= cfg.max_sampling_rounds:
+                break
+            with _timed(timings, "generate"):
+                batch, rollout, texts = self._rollout(sampling_round=rounds)
+            with _timed(timings, "reward"):
+                rewards, infos = self._score(batch, texts)
+            rounds += 1
+        if parts:
+            rollout = concat_rollouts([part for part, _, _ in parts])
+            rewards = [r for _, part_rewards, _ in parts for r in part_rewards]
+            infos = [i for _, _, part_infos in parts for i in part_infos]
+        else:
+            rollout, rewards, infos = first
+        stats = {
+            "dropped_groups": float(dropped),
+            "sampling_rounds": float(rounds),
+            "kept_groups": float(kept),
+        }
+        return rollout, rewards, infos, stats
 
     def _score(self, batch: list[PromptItem], texts: list[str]) -> tuple[list[float], list[dict]]:
         """2. Rewards for every sample (NaN where none); a reward callable that raises (or returns something that
@@ -357,6 +452,7 @@ class GRPOTrainer:
         self.model.train()
         device = next(self.model.parameters()).device
         max_len = cfg.max_new_tokens
+        loss_mask = trainable_tokens(rollout)
         sums: Counter[str] = Counter()
         updates = 0
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step_count)
@@ -364,7 +460,7 @@ class GRPOTrainer:
             order = torch.randperm(rollout.num_samples, generator=generator)
             for mini_start in range(0, rollout.num_samples, mini_batch_size):
                 mini = order[mini_start : mini_start + mini_batch_size]
-                mini_mask = rollout.response_mask[mini]
+                mini_mask = loss_mask[mini]
                 # This rank's share of the mini-batch's loss over all ranks (1 for one process): the sharded
                 # gradients are summed over ranks, so the shares make up the whole mini-batch's mean.
                 local_norm = float(AGGREGATIONS[cfg.loss_agg].normaliser(mini_mask))
@@ -372,7 +468,7 @@ class GRPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(mini), cfg.micro_batch_size):
                     rows = mini[micro_start : micro_start + cfg.micro_batch_size]
-                    mask = rollout.response_mask[rows].to(device)
+                    mask = loss_mask[rows].to(device)
                     logprobs, entropy = response_logprobs(
                         self.model,
                         rollout.prompt_ids[rows],
@@ -381,6 +477,7 @@ class GRPOTrainer:
                         rollout.response_mask[rows],
                         temperature=cfg.temperature,
                         with_entropy=True,
+                        masks=rollout.masks.rows(rows) if rollout.masks is not None else None,
                     )
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[rows].to(device)
                     tis = None
@@ -410,7 +507,7 @@ class GRPOTrainer:
                         sums["kl"] += kl.item()
                     if cfg.entropy_coef:
                         loss = loss - cfg.entropy_coef * aggregate(entropy, mask, cfg.loss_agg, max_len)
-                    weight = micro_batch_weight(rollout.response_mask[rows], mini_mask, cfg.loss_agg)
+                    weight = micro_batch_weight(loss_mask[rows], mini_mask, cfg.loss_agg)
                     (loss * (weight * rank_share)).backward()
                     sums["loss"] += loss.item() * weight * rank_share  # adds up to the mini-batch's loss
                     sums["entropy"] += masked_mean(entropy.detach(), mask).item()
@@ -464,7 +561,8 @@ class GRPOTrainer:
         response_lengths = gather_rows(rollout.response_mask.sum(1).float())
         truncated = gather_rows(rollout.truncated.float())
         tokens = sum_over_ranks(float(rollout.prompt_mask.sum() + rollout.response_mask.sum()))
-        penalties = Counter(p for p in gather_objects([info.get("penalty") for info in infos]) if p)
+        all_infos = gather_objects(infos)
+        penalties = Counter(info.get("penalty") for info in all_infos if info.get("penalty"))
         return {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std(unbiased=False).item(),
@@ -473,6 +571,10 @@ class GRPOTrainer:
             "valid_fraction": 1.0 - sum(penalties.values()) / (rollout.num_samples * self.world),
             "nonfinite_rewards": nonfinite,
             "response_length": response_lengths.mean().item(),
+            # share of response tokens the constraint forced (left out of the loss)
+            "forced_fraction": 1.0
+            - sum_over_ranks(float(trainable_tokens(rollout).sum()))
+            / max(1.0, sum_over_ranks(float(rollout.response_mask.sum()))),
             "truncated_fraction": truncated.mean().item(),
             "lr": lr,
             "tokens_per_s": tokens / total_time,
@@ -482,6 +584,7 @@ class GRPOTrainer:
             **{f"sync_{k}": v for k, v in (getattr(self.generator, "last_sync", None) or {}).items()},
             "time_step": total_time,
             **{f"penalty/{reason}": count for reason, count in sorted(penalties.items())},
+            **{f"info/{key}": value for key, value in info_means(all_infos).items()},
         }
 
     # -- the run ---------------------------------------------------------------------------------------------

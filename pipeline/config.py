@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from crystals.grammar import Constraint
 from grpo.config import ConfigError, config_differences, load_sections, read_toml, to_toml
+from grpo.models import Dtype
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -31,7 +33,7 @@ class RunConfig:
     device: str = (
         "auto"  # auto (CUDA when present), cpu, cuda, cuda:N; under torchrun each rank its local GPU
     )
-    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    dtype: Dtype = "float32"
     gradient_checkpointing: bool = False
     prompt_examples: Literal["paper", "train"] = "paper"
     train_limit: int | None = None  # cap on training structures read (SFT pairs, tokenizer corpus)
@@ -42,14 +44,24 @@ class RunConfig:
     # "line": the paper's one-line text. "lines": lattice, then one atom per line; the same tokens plus
     # newlines, which a small model learns to lay out much sooner (the parser reads both).
     structure_layout: Literal["line", "lines"] = "line"
+    # What sampling may write (crystals.grammar), in GRPO and in `sample`: "none" (the paper: anything, invalid
+    # text is penalised), "format" (valid crystal text), "elements" (only the prompt's elements, each at least
+    # once) or "formula" (the prompt's exact composition). "formula" by default: every sample is then a crystal
+    # of the asked composition, so every GRPO sample is scored on its energy and none is wasted on a penalty.
+    constraint: Constraint = "formula"
+    max_atoms: int = 20  # atoms per cell at most (paper: 20): the grammar's limit and the reward's penalty
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_atoms < 1:
+            raise ValueError(f"run.max_atoms must be >= 1, got {self.max_atoms}")
 
 
 @dataclass
 class RewardConfig:
-    # The paper's reward: -E_tot (CHGNet, eV/atom) with -0.1 for invalid text, > 20 atoms or a changed element set.
+    # The paper's reward: -E_tot (CHGNet, eV/atom) with -0.1 for invalid text, > run.max_atoms atoms or a changed
+    # element set.
     name: str = "chgnet-etot+species"  # a registry name, a "+"-combination, or module:attr
-    max_atoms: int = 20
     device: str = "cpu"
 
 
@@ -63,6 +75,13 @@ class SampleConfig:
     temperature: float = 1.0
     max_new_tokens: int = 512
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_formulas", "samples_per_formula", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"sample.temperature must be >= 0 (0: greedy), got {self.temperature}")
 
 
 @dataclass
@@ -94,17 +113,27 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_configs(sections: dict[str, type], path: Path | None, overrides: list[str] | None) -> dict:
-    """The named config tables from a TOML file (or defaults) with `table.key=value` overrides."""
+def load_configs(
+    sections: dict[str, type], path: Path | None, overrides: list[str] | None, other_tables: bool = False
+) -> dict:
+    """The named config tables from a TOML file (or defaults) with `table.key=value` overrides. With
+    `other_tables`, a file may hold tables the command does not read (a run's config.toml for `sample`)."""
     try:
-        return load_sections(sections, path, overrides or [])
+        return load_sections(sections, path, overrides or [], other_tables=other_tables)
     except ConfigError as err:
         raise PipelineError(str(err)) from None
+
+
+def check_run_dir(out: Path) -> None:
+    """An output folder must be a folder (or not exist yet)."""
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} exists and is not a directory")
 
 
 def refuse_changed_settings(run_dir: Path, configs: dict, resume: bool) -> None:
     """A run directory continues only the run that wrote it: resuming with other settings is refused, with the
     differing keys named (they would mix two experiments in one log and checkpoint series)."""
+    check_run_dir(run_dir)
     saved_path = run_dir / "config.toml"
     if not (resume and saved_path.is_file()):
         return

@@ -90,7 +90,7 @@ def run_demo(out: Path, configs: dict) -> StageLog:
     """Run (or resume) every stage into `out`; returns the stage log."""
     run = configs["run"]
     data_path = resolve_data_dir(run.data_dir)
-    reward_fn = build_reward_fn(configs["reward"], run.data_dir)
+    reward_fn = build_reward_fn(configs["reward"], run.data_dir, run.max_atoms)
     refuse_changed_settings(out, configs, resume=True)
     save_resolved_config(out, configs)
     stages = StageLog(out / "stages.json")
@@ -106,8 +106,9 @@ def run_demo(out: Path, configs: dict) -> StageLog:
         sample = configs["sample"]
         formulas = split_formulas(sample.split, run.data_dir, seed=sample.seed, limit=sample.num_formulas)
         for arm, model_dir in zip(ARMS, (sft_dir, grpo_dir), strict=True):
+            path = samples_dir / f"{arm}.jsonl"
             records = write_samples(
-                run, model_dir / "final_model", sample, samples_dir / f"{arm}.jsonl", formulas
+                run, model_dir / "final_model", sample, path, formulas, configs["generator"]
             )
             console.print(f"{arm}: {parse_summary(records)}")
 

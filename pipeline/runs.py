@@ -15,8 +15,17 @@ from pathlib import Path
 from rich.console import Console
 
 from crystals.data import iter_split, split_formulas
+from crystals.grammar import SEPARATORS, structure_grammar
 from crystals.prompts import CrystalPrompt, PromptBuilder
-from crystals.text import ParseError, format_structure, parse_structure, read_cif, write_cif
+from crystals.text import (
+    ParseError,
+    canonical_structure,
+    format_structure,
+    parse_structure,
+    read_cif,
+    write_cif,
+)
+from evaluation.relax import RelaxConfig
 from grpo.checkpoint import latest_checkpoint
 from grpo.distributed import (
     barrier,
@@ -36,7 +45,17 @@ from grpo.models import (
 )
 from grpo.sft import SFTConfig, SFTTrainer
 from grpo.trainer import GRPOConfig, GRPOTrainer, PromptItem
-from pipeline.config import PipelineError, RewardConfig, RunConfig, SampleConfig, save_resolved_config
+from pipeline.config import (
+    EvaluateConfig,
+    PipelineError,
+    RewardConfig,
+    RunConfig,
+    SampleConfig,
+    check_run_dir,
+    key_values,
+    refuse_changed_settings,
+    save_resolved_config,
+)
 
 console = Console()
 
@@ -46,10 +65,11 @@ PROMPT_EXAMPLE_POOL = 200
 
 # -- data -> text, prompts and pairs ---------------------------------------------------------------------------
 def load_crystal_texts(run: RunConfig, split: str, limit: int | None) -> list[tuple[str, str]]:
-    """(reduced formula, bulk text) of each structure of a split, in the run's text layout."""
-    separator = "\n" if run.structure_layout == "lines" else " "
+    """(reduced formula, bulk text) of each structure of a split: its canonical form (Niggli cell, atoms grouped
+    by element; what the grammars of crystals.grammar describe) in the run's text layout."""
+    separator = SEPARATORS[run.structure_layout]
     return [
-        (r.formula, format_structure(r.structure, separator=separator))
+        (r.formula, format_structure(canonical_structure(r.structure), separator=separator))
         for r in iter_split(split, run.data_dir, limit=limit)
     ]
 
@@ -63,14 +83,26 @@ def prompt_builder(run: RunConfig, train_texts: Sequence[str] | None = None) -> 
     return PromptBuilder(examples="paper", seed=run.seed)
 
 
-def crystal_prompt_items(formulas: Sequence[str], tokenizer, builder: PromptBuilder) -> list[PromptItem]:
+def response_grammar(run: RunConfig, formula: str) -> str | None:
+    """The grammar a response to `formula`'s prompt is sampled under (None: unconstrained)."""
+    try:
+        return structure_grammar(
+            run.constraint, formula, layout=run.structure_layout, max_atoms=run.max_atoms
+        )
+    except ValueError as err:
+        raise PipelineError(f"constraint {run.constraint!r} for {formula}: {err}") from None
+
+
+def crystal_prompt_items(
+    run: RunConfig, formulas: Sequence[str], tokenizer, builder: PromptBuilder
+) -> list[PromptItem]:
     """GRPO prompts: the A.4 prompt per formula (chat template applied) with the formula and element set as
-    metadata for the reward."""
+    metadata for the reward, and the run's constraint on its responses."""
     items = []
     for formula in formulas:
         prompt = builder.build(formula)
         meta = {"formula": prompt.formula, "elements": sorted(prompt.elements)}
-        items.append(PromptItem(prompt.to_text(tokenizer), meta))
+        items.append(PromptItem(prompt.to_text(tokenizer), meta, response_grammar(run, prompt.formula)))
     return items
 
 
@@ -125,8 +157,9 @@ def latest_to_resume(out: Path, resume: bool) -> Path | None:
     return latest_checkpoint(out) if resume else None
 
 
-def build_reward_fn(reward: RewardConfig, data_dir: str | Path | None):
-    """The (metas, texts) -> (rewards, infos) callable; a bad name or missing data is a PipelineError."""
+def build_reward_fn(reward: RewardConfig, data_dir: str | Path | None, max_atoms: int = 20):
+    """The (metas, texts) -> (rewards, infos) callable (texts of more than `max_atoms` atoms are penalised); a
+    bad name or missing data is a PipelineError."""
     from crystals.data import DataError
     from rewards.base import CrystalTextReward
     from rewards.registry import resolve_reward
@@ -135,7 +168,7 @@ def build_reward_fn(reward: RewardConfig, data_dir: str | Path | None):
         resolved = resolve_reward(reward.name, data_dir=data_dir, device=reward.device)
     except (ValueError, KeyError, TypeError, ImportError, DataError) as err:
         raise PipelineError(f"reward {reward.name!r}: {err}") from None
-    return CrystalTextReward(resolved, max_atoms=reward.max_atoms)
+    return CrystalTextReward(resolved, max_atoms=max_atoms)
 
 
 # -- sft / grpo ----------------------------------------------------------------------------------------------
@@ -220,7 +253,7 @@ def run_grpo(
             ref_model.requires_grad_(False)
         if sharded:
             setup_sharded(policy, ref_model)
-        prompts = crystal_prompt_items(formulas, tokenizer, prompt_builder(run))
+        prompts = crystal_prompt_items(run, formulas, tokenizer, prompt_builder(run))
         if record is not None and is_main():
             save_resolved_config(out, record)
         try:
@@ -245,10 +278,65 @@ def run_grpo(
                 generator.close()
 
 
+# -- what the commands run -----------------------------------------------------------------------------------
+SFT_SECTIONS: dict[str, type] = {"run": RunConfig, "sft": SFTConfig}
+TRAIN_SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "grpo": GRPOConfig,
+    "reward": RewardConfig,
+    "generator": GeneratorConfig,
+}
+EVALUATE_SECTIONS: dict[str, type] = {"relax": RelaxConfig, "evaluate": EvaluateConfig}
+
+
+def sft_from_configs(configs: dict, out: Path, resume: bool) -> Path:
+    """`crystal-grpo sft`: SFT with the SFT_SECTIONS configs into `out`."""
+    refuse_changed_settings(out, configs, resume)
+    return run_sft(configs["run"], configs["sft"], out, resume=resume, record=configs)
+
+
+def train_from_configs(configs: dict, out: Path, resume: bool) -> Path:
+    """`crystal-grpo train`: GRPO with the TRAIN_SECTIONS configs into `out`."""
+    refuse_changed_settings(out, configs, resume)
+    run = configs["run"]
+    reward_fn = build_reward_fn(configs["reward"], run.data_dir, run.max_atoms)
+    return run_grpo(run, configs["grpo"], configs["generator"], reward_fn, out, resume=resume, record=configs)
+
+
+def evaluate_from_configs(
+    configs: dict,
+    samples: Sequence[Path],
+    out: Path,
+    relaxer_options: list[str],
+    train_data: Path | None,
+    training_log: Path | None,
+) -> dict:
+    """`crystal-grpo evaluate`: relax and report samples files with the EVALUATE_SECTIONS configs."""
+    from evaluation.report import evaluate_samples
+
+    check_run_dir(out)
+    evaluate = configs["evaluate"]
+    try:
+        return evaluate_samples(
+            samples,
+            out_dir=out,
+            relaxer=evaluate.relaxer,
+            relaxer_options=key_values(relaxer_options, "--relaxer-option"),
+            data_dir=train_data,
+            train_limit=evaluate.train_limit,
+            workers=evaluate.workers,
+            relax_config=configs["relax"],
+            training_log=training_log,
+        )
+    except (ValueError, ImportError, FileNotFoundError) as err:
+        raise PipelineError(str(err)) from None
+
+
 # -- sampling ------------------------------------------------------------------------------------------------
-def sample_record(prompt: CrystalPrompt, sample_id: str, text: str) -> dict:
-    """One JSON-ready sample: id, formula, text, parse status and CIF (None when the text does not parse)."""
-    record = {"id": sample_id, "formula": prompt.formula, "text": text}
+def sample_record(prompt: CrystalPrompt, sample_id: str, text: str, constraint: str) -> dict:
+    """One JSON-ready sample: id, formula, the constraint it was drawn under, text, parse status and CIF (None
+    when the text does not parse)."""
+    record = {"id": sample_id, "formula": prompt.formula, "constraint": constraint, "text": text}
     try:
         record |= {"parse": "ok", "cif": write_cif(parse_structure(text))}
     except ParseError as err:
@@ -257,17 +345,11 @@ def sample_record(prompt: CrystalPrompt, sample_id: str, text: str) -> dict:
 
 
 def generate_samples(
-    policy,
-    tokenizer,
-    formulas: Sequence[str],
-    sample: SampleConfig,
-    builder: PromptBuilder,
-    batch_size: int = 64,
+    run: RunConfig, generator, tokenizer, formulas: Sequence[str], sample: SampleConfig, batch_size: int = 64
 ) -> list[dict]:
-    """`sample.samples_per_formula` structures per formula, one record each (see `sample_record`)."""
-    from grpo.generation import HFGenerator
-
-    generator = HFGenerator(policy, tokenizer, batch_size=batch_size)
+    """`sample.samples_per_formula` structures per formula under the run's constraint, one record each (see
+    `sample_record`); `batch_size` sequences per generate call."""
+    builder = prompt_builder(run)
     n = sample.samples_per_formula
     records = []
     per_call = max(1, batch_size // n)
@@ -276,10 +358,12 @@ def generate_samples(
         sampling = SamplingConfig(
             temperature=sample.temperature, max_new_tokens=sample.max_new_tokens, seed=sample.seed + start
         )
-        rollout = generator.generate([p.to_text(tokenizer) for p in prompts], n, sampling)
+        specs = [response_grammar(run, p.formula) for p in prompts]
+        texts = [p.to_text(tokenizer) for p in prompts]
+        rollout = generator.generate(texts, n, sampling, None if run.constraint == "none" else specs)
         for i, text in enumerate(decode_responses(tokenizer, rollout)):
             sample_id = f"{prompts[i // n].formula}-{start + i // n}-{i % n}"
-            records.append(sample_record(prompts[i // n], sample_id, text))
+            records.append(sample_record(prompts[i // n], sample_id, text, run.constraint))
     return records
 
 
@@ -290,15 +374,28 @@ def parse_summary(records: Sequence[dict]) -> str:
 
 
 def write_samples(
-    run: RunConfig, model: str | Path, sample: SampleConfig, out: Path, formulas: Sequence[str] | None = None
+    run: RunConfig,
+    model: str | Path,
+    sample: SampleConfig,
+    out: Path,
+    formulas: Sequence[str] | None = None,
+    generator_config: GeneratorConfig | None = None,
 ) -> list[dict]:
-    """Sample from a saved model for `formulas` (default: the sample config's split) and write the records to
-    JSONL atomically (temp file + rename)."""
+    """Sample from a saved model for `formulas` (default: the sample config's split) with the generator the
+    config names (default HF) and write the records to JSONL atomically (temp file + rename)."""
     if formulas is None:
         formulas = split_formulas(sample.split, run.data_dir, seed=sample.seed, limit=sample.num_formulas)
+    generator_config = generator_config or GeneratorConfig()
     policy, tokenizer = load_model(run, model, dtype="auto", trainable=False)
-    builder = prompt_builder(run)
-    records = generate_samples(policy, tokenizer, formulas, sample, builder)
+    try:
+        generator = build_generator(generator_config, policy, tokenizer, out.parent / f".{out.stem}-engine")
+    except ImportError as err:
+        raise PipelineError(str(err)) from None
+    try:
+        records = generate_samples(run, generator, tokenizer, formulas, sample, generator_config.batch_size)
+    finally:
+        if hasattr(generator, "close"):
+            generator.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

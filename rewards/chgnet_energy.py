@@ -14,11 +14,13 @@ autograd). Guarding, caching and failure isolation come from ``rewards.potential
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pymatgen.core import Structure
 
 from crystals.guard import GuardConfig
+from crystals.hull import EnergyToHull
 from crystals.potentials import load_chgnet
 from rewards.penalties import Penalties, PenaltyConfig
 from rewards.potential import EnergyReward
@@ -59,7 +61,8 @@ class CHGNetPotential:
 
 class CHGNetEnergyReward(EnergyReward):
     """reward = -CHGNet energy per atom (eV/atom), or per cell with ``per_cell``; gate and penalties as in
-    ``PotentialReward`` (paper defaults: -0.1)."""
+    ``PotentialReward`` (paper defaults: -0.1). With ``watch_hull`` each scored sample's info also holds its
+    E_hull on the MP-20 hull (``data_dir``'s, else the packaged one), watched and never rewarded."""
 
     name = "chgnet-etot"
 
@@ -74,6 +77,10 @@ class CHGNetEnergyReward(EnergyReward):
         guard: GuardConfig | None = None,
         cache_size: int = 100_000,
         relax_steps: int = 0,
+        watch_hull: bool = True,
+        data_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None,
     ):
         potential = potential or CHGNetPotential(model_name, device, batch_size)
-        super().__init__(potential, per_cell, penalties, guard, cache_size, relax_steps)
+        hull = EnergyToHull.load(data_dir, cache_dir, apply_mp2020=False) if watch_hull else None
+        super().__init__(potential, per_cell, penalties, guard, cache_size, relax_steps, hull)

@@ -37,6 +37,7 @@ from typing import Any, Protocol, TypeVar
 from pymatgen.core import Structure
 
 from crystals.guard import GuardConfig, guard_structure
+from crystals.hull import EnergyToHull
 from crystals.matching import structure_key
 from crystals.potentials import EnergyScale
 from crystals.sample import Sample
@@ -316,10 +317,20 @@ class EnergyReward(PotentialReward):
         guard: GuardConfig | None = None,
         cache_size: int = 100_000,
         relax_steps: int = 0,
+        hull: EnergyToHull | None = None,
     ):
         super().__init__(potential, penalties, guard, cache_size, relax_steps)
         self.per_cell = per_cell
+        # Only watched, never rewarded: E_hull of each scored structure in its info, so a run on E_tot shows
+        # whether E_hull follows (the paper's reward-hack analysis). None: not watched.
+        self.hull = hull
 
     def score(self, sample: Sample, result: EnergyResult) -> tuple[float, dict]:
         scale = len(result.structure) if self.per_cell else 1
-        return -result.energy_per_atom * scale, {}
+        info = {}
+        if self.hull is not None:
+            try:
+                info["e_above_hull"], _ = self.hull(result.structure, result.energy_per_atom)
+            except Exception as exc:  # an element outside the hull; the reward stands without it
+                log.debug("no E_hull for %s: %r", sample.formula, exc)
+        return -result.energy_per_atom * scale, info
