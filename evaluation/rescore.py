@@ -1,0 +1,63 @@
+"""Relaxed structures re-scored by an independent potential: did RL only fool the potential it trained on?
+
+The structures relaxed by one relaxer (CHGNet) get a single-point energy from another (SevenNet-0, trained
+separately on MPtrj), turned into E_hull on the same MP-20 hull with that potential's energy scale. Results are
+appended to OUT/rescore-NAME.jsonl as they come, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from crystals.hull import EnergyToHull
+from evaluation.jsonl import JsonlAppender, read_jsonl
+from evaluation.metrics import METASTABLE_EV
+from evaluation.relax import get_relaxer, structure_from_record
+
+
+def rescore_relaxed(
+    relaxations: dict[str, dict],
+    out_path: Path,
+    relaxer: str,
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, dict]:
+    """{sample id: {"energy_per_atom", "e_hull", "metastable"} or {"error"}} for every successful relaxation
+    in `relaxations` (records of evaluation.relax), under `relaxer`'s potential."""
+    spec = get_relaxer(relaxer)
+    if spec.energy_scale == "other":
+        raise ValueError(f"{relaxer} energies are not on the Materials Project scale: no E_hull to compare")
+    hull = EnergyToHull.load(data_dir, cache_dir, apply_mp2020=spec.energy_scale == "mp_uncorrected")
+    done = {record["id"]: record for record in read_jsonl(out_path)} if out_path.is_file() else {}
+    todo = [(sid, r) for sid, r in relaxations.items() if r.get("ok") and sid not in done]
+    if todo:
+        calculator = spec.factory()
+        with JsonlAppender(out_path) as out:
+            for sid, record in todo:
+                done[sid] = _score(sid, structure_from_record(record), calculator, hull)
+                out.write(done[sid])
+    return done
+
+
+def _score(sid: str, structure, calculator, hull: EnergyToHull) -> dict:
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    start = time.perf_counter()
+    try:
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        atoms.calc = calculator
+        energy = float(atoms.get_potential_energy()) / len(atoms)
+        if not math.isfinite(energy):
+            raise ValueError(f"non-finite energy {energy}")
+        e_hull, _ = hull(structure, energy)
+    except Exception as exc:  # one structure's failure is its record, never the run's
+        return {"id": sid, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {
+        "id": sid,
+        "energy_per_atom": energy,
+        "e_hull": e_hull,
+        "metastable": e_hull < METASTABLE_EV,
+        "wall_s": time.perf_counter() - start,
+    }
