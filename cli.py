@@ -25,6 +25,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+@app.callback()
+def quiet() -> None:
+    from pipeline.runs import quiet_libraries
+
+    quiet_libraries()
+
+
 def option(*flags_and_help: str):
     """A typer option: its flags (if not the parameter's name), then its help text."""
     *flags, help_text = flags_and_help
@@ -158,7 +165,7 @@ def sample(
     writes JSONL (id, formula, constraint, text, parse status, CIF)."""
     from grpo.generation import GeneratorConfig
     from pipeline.config import RunConfig, SampleConfig
-    from pipeline.runs import parse_summary, write_samples
+    from pipeline.runs import samples_summary, write_samples
 
     if out.exists() and out.is_dir():
         raise fail(f"--out {out} is a directory; give a .jsonl file path")
@@ -168,7 +175,9 @@ def sample(
     with user_errors():
         configs = configs_with(sections, config, set_, run__data_dir=data_dir, **options)
         records = write_samples(configs["run"], model, configs["sample"], out, None, configs["generator"])
-    console.print(f"wrote {len(records)} samples to {out}; {parse_summary(records)}")
+    console.print(
+        f"wrote {len(records)} samples to {out}; {samples_summary(records, configs['run'].max_atoms)}"
+    )
 
 
 @app.command()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from evaluation.jsonl import read_jsonl
 from evaluation.metrics import METASTABLE_EV
-from evaluation.stats import Estimate, compare_means, mean_interval
+from evaluation.stats import Comparison, Estimate, compare_means, compare_paired, mean_interval
 
 
 @dataclass(frozen=True)
@@ -86,25 +86,45 @@ def estimates(rows: Sequence[dict], metrics: Sequence[Metric] = METRICS, resampl
     return {m.name: mean_interval(values(rows, m), resamples).as_dict() for m in metrics}
 
 
+def compare(
+    base_rows: Sequence[dict], rows: Sequence[dict], metric: Metric, resamples: int = 2000
+) -> tuple[Comparison, str]:
+    """The candidate `rows` against `base_rows` on one metric: paired by prompt formula when the two arms
+    sampled the same formulas, else unpaired; returns the comparison and "paired" or "unpaired"."""
+    base_keys = [row["prompt_formula"] for row in base_rows]
+    keys = [row["prompt_formula"] for row in rows]
+    if set(base_keys) == set(keys):
+        result = compare_paired(
+            values(base_rows, metric),
+            base_keys,
+            values(rows, metric),
+            keys,
+            metric.higher_is_better,
+            resamples,
+        )
+        return result, "paired by formula"
+    result = compare_means(
+        values(base_rows, metric), values(rows, metric), metric.higher_is_better, resamples
+    )
+    return result, "unpaired"
+
+
 def verdict_lines(
-    baseline: str,
     base_rows: Sequence[dict],
-    candidate: str,
     rows: Sequence[dict],
     metrics: Sequence[Metric] = METRICS,
     resamples: int = 2000,
 ) -> list[str]:
-    """One line per metric: how `candidate` compares with `baseline` (difference and its 95 % interval)."""
+    """One line per metric: how the candidate `rows` compare with `base_rows` (better / worse / within noise,
+    the difference and its 95 % interval)."""
     lines = []
     for metric in metrics:
-        result = compare_means(
-            values(base_rows, metric), values(rows, metric), metric.higher_is_better, resamples
-        )
+        result, how = compare(base_rows, rows, metric, resamples)
         d, s, digits = result.difference, metric.scale, metric.digits
         detail = (
-            f"{d.value * s:+.{digits}f} [{d.low * s:+.{digits}f}, {d.high * s:+.{digits}f}]"
+            f"{d.value * s:+.{digits}f} [{d.low * s:+.{digits}f}, {d.high * s:+.{digits}f}], {how}, n={d.n}"
             if d.n
             else "no data"
         )
-        lines.append(f"{metric.name}: {candidate} vs {baseline}: {result.verdict} ({detail})")
+        lines.append(f"{metric.name}: {result.verdict} ({detail})")
     return lines

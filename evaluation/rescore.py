@@ -7,14 +7,17 @@ appended to OUT/rescore-NAME.jsonl as they come, so a killed run resumes where i
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
+from crystals.guard import GuardConfig, guard_structure
 from crystals.hull import EnergyToHull
 from evaluation.jsonl import JsonlAppender, read_jsonl
 from evaluation.metrics import METASTABLE_EV
 from evaluation.relax import get_relaxer, structure_from_record
+
+# MP energies per atom lie within about -15 and +5 eV/atom; beyond +-20 a potential is outside its domain
+PLAUSIBLE_EV_PER_ATOM = 20.0
 
 
 def rescore_relaxed(
@@ -45,12 +48,16 @@ def _score(sid: str, structure, calculator, hull: EnergyToHull) -> dict:
     from pymatgen.io.ase import AseAtomsAdaptor
 
     start = time.perf_counter()
+    reason = guard_structure(structure, GuardConfig(timeout_s=None))
+    if reason is not None:
+        return {"id": sid, "error": f"rejected: {reason}"}
     try:
         atoms = AseAtomsAdaptor.get_atoms(structure)
         atoms.calc = calculator
         energy = float(atoms.get_potential_energy()) / len(atoms)
-        if not math.isfinite(energy):
-            raise ValueError(f"non-finite energy {energy}")
+        if not -PLAUSIBLE_EV_PER_ATOM <= energy <= PLAUSIBLE_EV_PER_ATOM:
+            # a cell CHGNet relaxed into nonsense can send another potential to absurd values (seen: -8e12)
+            raise ValueError(f"implausible energy {energy:.3g} eV/atom")
         e_hull, _ = hull(structure, energy)
     except Exception as exc:  # one structure's failure is its record, never the run's
         return {"id": sid, "error": f"{type(exc).__name__}: {exc}"[:300]}

@@ -2,9 +2,11 @@
 
 Every rate and mean in the reproduction's tables carries a percentile bootstrap 95 % interval over its
 samples (Efron: resample the n per-sample values with replacement, recompute the statistic, take the 2.5 and
-97.5 percentiles). Two arms are compared by the interval of the difference of their statistics, each arm
-resampled on its own (unpaired: the arms sample the same formulas, but not the same structures); the
-difference is "better" or "worse" only when that interval excludes zero.
+97.5 percentiles). Two arms are compared by the interval of the difference of their statistics; the difference
+is "better" or "worse" only when that interval excludes zero. Arms that sampled the same prompts are compared
+paired by prompt (`compare_paired`): per prompt the difference of the two arms' means, resampled over prompts,
+which removes the spread between prompts (an energy per atom depends mostly on the composition) from the
+interval. Otherwise each arm is resampled on its own (`compare_means`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,46 @@ class Comparison:
     verdict: str
 
 
+def _verdict(estimate: Estimate, higher_is_better: bool) -> Comparison:
+    if estimate.n == 0:
+        return Comparison(estimate, "not measured")
+    if estimate.low <= 0.0 <= estimate.high:
+        return Comparison(estimate, "within noise")
+    gained = estimate.low > 0.0 if higher_is_better else estimate.high < 0.0
+    return Comparison(estimate, "better" if gained else "worse")
+
+
+def compare_paired(
+    a: Sequence[float],
+    a_keys: Sequence[str],
+    b: Sequence[float],
+    b_keys: Sequence[str],
+    higher_is_better: bool,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Comparison:
+    """Paired bootstrap of mean over prompts k of (mean_b(k) - mean_a(k)), over the prompts both arms have a
+    finite value for; `n` of the estimate counts those prompts."""
+
+    def by_key(values: Sequence[float], keys: Sequence[str]) -> dict[str, float]:
+        groups: dict[str, list[float]] = {}
+        for value, key in zip(values, keys, strict=True):
+            if np.isfinite(value):
+                groups.setdefault(key, []).append(float(value))
+        return {key: float(np.mean(v)) for key, v in groups.items()}
+
+    a_means, b_means = by_key(a, a_keys), by_key(b, b_keys)
+    common = sorted(set(a_means) & set(b_means))
+    if not common:
+        return Comparison(Estimate(float("nan"), float("nan"), float("nan"), 0), "not measured")
+    differences = np.array([b_means[k] - a_means[k] for k in common])
+    means = bootstrap_means(differences, resamples, np.random.default_rng(seed))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return _verdict(
+        Estimate(float(differences.mean()), float(low), float(high), len(common)), higher_is_better
+    )
+
+
 def compare_means(
     a: Sequence[float], b: Sequence[float], higher_is_better: bool, resamples: int = 2000, seed: int = 0
 ) -> Comparison:
@@ -72,7 +114,4 @@ def compare_means(
     differences = bootstrap_means(b_clean, resamples, rng) - bootstrap_means(a_clean, resamples, rng)
     low, high = np.percentile(differences, [2.5, 97.5])
     estimate = Estimate(float(b_clean.mean() - a_clean.mean()), float(low), float(high), len(b_clean))
-    if low <= 0.0 <= high:
-        return Comparison(estimate, "within noise")
-    gained = low > 0.0 if higher_is_better else high < 0.0
-    return Comparison(estimate, "better" if gained else "worse")
+    return _verdict(estimate, higher_is_better)

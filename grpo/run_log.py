@@ -18,6 +18,20 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# Console names of the logged metrics: a step line stays within 80 columns.
+CONSOLE_LABELS = {
+    "reward_mean": "reward",
+    "valid_fraction": "valid",
+    "grad_norm": "grad",
+    "time_step": "seconds",
+    "eval_loss": "eval",
+}
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 class RunLogger:
     """Appends metrics to `path` (JSONL), so a resumed run continues the same file."""
 
@@ -46,11 +60,8 @@ class RunLogger:
                 if isinstance(value, int | float) and key != "step":
                     self.tensorboard.add_scalar(key, value, step)
         if console_keys:
-            parts = [
-                f"{k}={record[k]:.4g}" if isinstance(record.get(k), float) else f"{k}={record.get(k)}"
-                for k in console_keys
-            ]
-            self.console.print(f"[bold]step {step}[/bold] " + " ".join(parts))
+            parts = [f"{CONSOLE_LABELS.get(k, k)} {_short(record.get(k))}" for k in console_keys]
+            self.console.print(f"[bold]step {step}[/bold]  " + "  ".join(parts))
 
 
 def step_progress(label: str, *, disable: bool = False):

@@ -31,9 +31,9 @@ from pipeline.runs import (
     build_reward_fn,
     console,
     initial_model_source,
-    parse_summary,
     run_grpo,
     run_sft,
+    samples_summary,
     write_samples,
 )
 from pipeline.tables import stage_table
@@ -110,7 +110,7 @@ def run_demo(out: Path, configs: dict) -> StageLog:
             records = write_samples(
                 run, model_dir / "final_model", sample, path, formulas, configs["generator"]
             )
-            console.print(f"{arm}: {parse_summary(records)}")
+            console.print(f"{arm}: {samples_summary(records, run.max_atoms)}")
 
     stages.run("sample", sample_arms)
     stages.run("evaluate", lambda: evaluate_arms(out, configs, data_path))
@@ -133,6 +133,14 @@ def evaluate_arms(out: Path, configs: dict, data_path: Path) -> None:
     )
 
 
+def verdicts(report: Path) -> list[str]:
+    """SFT+RL against SFT, one line per metric (95 % bootstrap interval, paired by formula)."""
+    from evaluation.compare import load_rows, verdict_lines
+
+    sft, sft_rl = (load_rows(report, arm) for arm in ARMS)
+    return verdict_lines(sft, sft_rl)
+
+
 def print_demo_report(out: Path, stages: StageLog) -> None:
     report = out / "report"
     for name in ("table1.md", "table2.md", "extra.md"):
@@ -142,3 +150,9 @@ def print_demo_report(out: Path, stages: StageLog) -> None:
     console.print(
         f"report: {report}  (metrics.json, table1.md, table2.md, plots, CIFs of metastable candidates)"
     )
+    if all((report / arm / "rows.jsonl").is_file() for arm in ARMS):
+        lines = verdicts(report)
+        (report / "verdicts.md").write_text("".join(f"- {line}\n" for line in lines))
+        console.print("[bold]What RL changed[/bold] (sft_rl vs sft, 95 % bootstrap interval):")
+        for line in lines:
+            console.print(f"  {line}")

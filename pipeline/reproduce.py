@@ -37,7 +37,7 @@ from pipeline.config import (
     save_resolved_config,
 )
 from pipeline.demo import StageLog
-from pipeline.runs import build_reward_fn, console, parse_summary, run_grpo, run_sft, write_samples
+from pipeline.runs import build_reward_fn, console, run_grpo, run_sft, samples_summary, write_samples
 
 
 @dataclass
@@ -140,7 +140,7 @@ def run_arm(out: Path, name: str, configs: dict) -> Path:
     formulas = split_formulas(sample.split, run.data_dir, seed=sample.seed, limit=count)
     path = out / "samples" / f"{name}.jsonl"
     records = write_samples(run, model, sample, path, formulas, configs["generator"])
-    console.print(f"{name}: {parse_summary(records)}")
+    console.print(f"{name}: {samples_summary(records, run.max_atoms)}")
     return path
 
 

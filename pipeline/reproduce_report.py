@@ -109,9 +109,9 @@ def reproduction_report(out: Path, shared: dict, arms: dict[str, dict], names: l
     for name in names:
         baseline = arms[name]["reproduce"].baseline
         if arms[name]["reproduce"].policy == "rl" and baseline in rows:
-            lines = verdict_lines(baseline, rows[baseline], name, rows[name], metrics, resamples)
+            lines = verdict_lines(rows[baseline], rows[name], metrics, resamples)
             comparisons[name] = {"baseline": baseline, "verdicts": lines}
-            verdicts += lines
+            verdicts += [f"**{name} vs {baseline}**", *[f"  - {line}" for line in lines]]
     training, training_json = _training_table(out, arms, names)
     stages = StageLog(out / "stages.json").stages
     commit = _git_commit()
@@ -128,7 +128,7 @@ def reproduction_report(out: Path, shared: dict, arms: dict[str, dict], names: l
             interval_table(rows, metrics, resamples),
             "## Trained arms against their baselines",
             "",
-            *[f"- {line}" for line in verdicts],
+            *[line if line.startswith("  ") else f"- {line}" for line in verdicts],
             "",
             "## Reward hacking: heavy atoms (Z >= 37) in generated vs prompt compositions",
             "",

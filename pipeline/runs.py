@@ -16,7 +16,7 @@ from rich.console import Console
 
 from crystals.data import iter_split, split_formulas
 from crystals.grammar import SEPARATORS, structure_grammar
-from crystals.prompts import CrystalPrompt, PromptBuilder
+from crystals.prompts import CrystalPrompt, PromptBuilder, parse_formula
 from crystals.text import (
     ParseError,
     canonical_structure,
@@ -58,6 +58,21 @@ from pipeline.config import (
 )
 
 console = Console()
+
+
+def quiet_libraries() -> None:
+    """What a command prints is its own stage and step lines: no per-load progress bars or warnings from the
+    libraries underneath (transformers' weight loading and saving bars, pymatgen's electronegativity and
+    CHGNet's tensor warnings). Our own problems are still logged."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
 
 # training structures that serve as the prompt's examples when run.prompt_examples = "train"
 PROMPT_EXAMPLE_POOL = 200
@@ -367,10 +382,24 @@ def generate_samples(
     return records
 
 
-def parse_summary(records: Sequence[dict]) -> str:
-    """'11/16 samples parse as crystals (69%)'."""
-    parsed = sum(r["parse"] == "ok" for r in records)
-    return f"{parsed}/{len(records)} samples parse as crystals ({parsed / max(1, len(records)):.0%})"
+def samples_summary(records: Sequence[dict], max_atoms: int = 20) -> str:
+    """What the samples are, in one line: parse rate, exact formula, element set, over max_atoms atoms, e.g.
+    '1000/1000 parse (100%), exact formula 100%, element set 100%, 0 over 20 atoms'."""
+    n = len(records)
+    structures = [(r, parse_structure(r["text"])) for r in records if r["parse"] == "ok"]
+    exact = sum(
+        s.composition.reduced_composition == parse_formula(r["formula"]).reduced_composition
+        for r, s in structures
+    )
+    same_elements = sum(
+        set(s.composition.elements) == set(parse_formula(r["formula"]).elements) for r, s in structures
+    )
+    too_big = sum(len(s) > max_atoms for _, s in structures)
+    share = lambda k: f"{k / max(1, n):.0%}"  # noqa: E731
+    return (
+        f"{len(structures)}/{n} parse ({share(len(structures))}), exact formula {share(exact)}, "
+        f"element set {share(same_elements)}, {too_big} over {max_atoms} atoms"
+    )
 
 
 def write_samples(

@@ -1,0 +1,113 @@
+"""`crystal-grpo reproduce --scale tiny`: every stage end to end on the packaged data, killed after its first
+arm and resumed, then its report and its refusals.
+
+The pipeline test runs the real console script in a subprocess, SIGKILLs it once the first arm has finished,
+runs it again with the same --out and checks that no finished stage was redone and that every arm's numbers
+landed in the report with their intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.reproduce import load_arms, reproduce_preset
+
+runner = CliRunner()
+CONSOLE_SCRIPT = Path(sys.executable).with_name("crystal-grpo")
+
+
+def command(out: Path, *extra: str) -> list[str]:
+    return [str(CONSOLE_SCRIPT), "reproduce", "--scale", "tiny", "--out", str(out), *extra]
+
+
+def stages(out: Path) -> dict:
+    path = out / "stages.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def packaged_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "CRYSTAL_GRPO_DATA"}
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> tuple[Path, dict, str]:
+    """Run the tiny reproduction, kill it after its first arm, resume it; (out, stages at the kill, output)."""
+    out = tmp_path_factory.mktemp("reproduce") / "run"
+    process = subprocess.Popen(
+        command(out), env=packaged_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 900
+    first_arm = lambda: any(k.startswith("arm:") for k in stages(out))  # noqa: E731
+    while not first_arm() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = stages(out)
+    assert any(k.startswith("arm:") for k in killed), "the run died or timed out before its first arm"
+    resumed = subprocess.run(command(out), env=packaged_env(), capture_output=True, text=True, timeout=1800)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return out, killed, resumed.stdout + resumed.stderr
+
+
+def test_every_arm_and_stage_finishes_and_nothing_finished_is_redone(resumed):
+    out, killed, _ = resumed
+    final = stages(out)
+    _, arms = load_arms(reproduce_preset("tiny"), [])
+    expected = {"sft-model", "evaluate", "rescore", "report", *(f"arm:{name}" for name in arms)}
+    assert expected <= set(final)
+    for name, record in killed.items():
+        assert final[name] == record, f"stage {name} was redone after the resume"
+
+
+def test_each_trained_arm_has_its_run_directory_and_every_arm_its_samples(resumed):
+    out, _, _ = resumed
+    _, arms = load_arms(reproduce_preset("tiny"), [])
+    for name, configs in arms.items():
+        records = [json.loads(line) for line in (out / "samples" / f"{name}.jsonl").read_text().splitlines()]
+        assert records and all(r["constraint"] == configs["run"].constraint for r in records)
+        if configs["reproduce"].policy == "rl":
+            assert (out / "arms" / name / "final_model" / "model.safetensors").is_file()
+            saved = (out / "arms" / name / "config.toml").read_text()
+            assert f'name = "{configs["reward"].name}"' in saved
+
+
+def test_report_holds_every_arm_with_intervals_and_the_comparisons(resumed):
+    out, _, _ = resumed
+    report = json.loads((out / "report" / "reproduction.json").read_text())
+    _, arms = load_arms(reproduce_preset("tiny"), [])
+    assert set(report["arms"]) == set(arms)
+    for metrics in report["arms"].values():
+        rate = metrics["parse rate (%)"]
+        assert rate["n"] > 0 and rate["low"] <= rate["value"] <= rate["high"]
+        assert all(math.isnan(v) or 0 <= v <= 1 for v in (rate["low"], rate["value"], rate["high"]))
+    trained = {name for name, c in arms.items() if c["reproduce"].policy == "rl"}
+    assert set(report["comparisons"]) == trained
+    markdown = (out / "report" / "reproduction.md").read_text()
+    assert "Trained arms against their baselines" in markdown and "sevenn" in markdown
+
+
+def test_a_changed_setting_is_refused_naming_it(resumed, tmp_path):
+    out, _, _ = resumed
+    result = runner.invoke(
+        app, ["reproduce", "--scale", "tiny", "--out", str(out), "--set", "grpo.lr=0.5", "--arm", "sft"]
+    )
+    assert result.exit_code == 1 and "grpo.lr" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_arm_and_scale_are_one_line_errors(tmp_path):
+    result = runner.invoke(app, ["reproduce", "--scale", "tiny", "--out", str(tmp_path / "r"), "--arm", "nope"])
+    assert result.exit_code == 1 and "unknown arm(s) ['nope']" in result.output
+    result = runner.invoke(app, ["reproduce", "--scale", "huge", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "unknown scale 'huge'" in result.output
