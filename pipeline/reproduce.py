@@ -19,24 +19,17 @@ from pathlib import Path
 from typing import Literal
 
 from crystals.data import split_formulas
-from evaluation.relax import RelaxConfig
 from grpo.config import read_toml
-from grpo.generation import GeneratorConfig
 from grpo.models import packaged_smollm2_gguf
-from grpo.sft import SFTConfig
-from grpo.trainer import GRPOConfig
 from pipeline.config import (
-    EvaluateConfig,
     PipelineError,
-    RewardConfig,
     RunConfig,
-    SampleConfig,
     load_configs,
     preset_path,
     refuse_changed_settings,
     save_resolved_config,
 )
-from pipeline.demo import StageLog
+from pipeline.demo import DEMO_SECTIONS, StageLog
 from pipeline.runs import build_reward_fn, console, run_grpo, run_sft, samples_summary, write_samples
 
 
@@ -59,17 +52,8 @@ class ReproduceConfig:
             raise ValueError("reproduce.bootstrap must be >= 100 and reproduce.base_formulas >= 1")
 
 
-SECTIONS: dict[str, type] = {
-    "run": RunConfig,
-    "sft": SFTConfig,
-    "grpo": GRPOConfig,
-    "reward": RewardConfig,
-    "generator": GeneratorConfig,
-    "sample": SampleConfig,
-    "relax": RelaxConfig,
-    "evaluate": EvaluateConfig,
-    "reproduce": ReproduceConfig,
-}
+# the demo's tables, and what the reproduction adds
+SECTIONS: dict[str, type] = {**DEMO_SECTIONS, "reproduce": ReproduceConfig}
 SCALES = ("cpu", "tiny", "paper")
 
 
