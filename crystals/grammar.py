@@ -67,10 +67,19 @@ def _composition(formula: str | Composition) -> Composition:
     return composition
 
 
+def integer_composition(composition: Composition) -> Composition:
+    """The smallest whole-number formula unit (Li0.5CoO2 -> LiCo2O4); ValueError when there is none."""
+    formula, _ = composition.get_integer_formula_and_factor()
+    reduced = parse_formula(formula).reduced_composition
+    if any(abs(amount - round(amount)) > 1e-6 or round(amount) < 1 for amount in reduced.values()):
+        raise ValueError(f"{composition.formula} has no whole-number formula unit")
+    return reduced
+
+
 def _formula_rules(composition: Composition, separator: str, max_atoms: int) -> str:
     """root: the lattice, then Z x n_el atoms of each element in element_order, one alternative per Z."""
-    reduced, _ = composition.get_reduced_composition_and_factor()
-    counts = {symbol: int(round(reduced[symbol])) for symbol in element_order(reduced)}
+    reduced = integer_composition(composition)
+    counts = {symbol: int(reduced[symbol]) for symbol in element_order(reduced)}
     per_unit = sum(counts.values())
     if per_unit > max_atoms:
         raise ValueError(

@@ -107,7 +107,9 @@ def test_a_changed_setting_is_refused_naming_it(resumed, tmp_path):
 
 
 def test_unknown_arm_and_scale_are_one_line_errors(tmp_path):
-    result = runner.invoke(app, ["reproduce", "--scale", "tiny", "--out", str(tmp_path / "r"), "--arm", "nope"])
+    result = runner.invoke(
+        app, ["reproduce", "--scale", "tiny", "--out", str(tmp_path / "r"), "--arm", "nope"]
+    )
     assert result.exit_code == 1 and "unknown arm(s) ['nope']" in result.output
     result = runner.invoke(app, ["reproduce", "--scale", "huge", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "unknown scale 'huge'" in result.output

@@ -38,7 +38,9 @@ needs_vllm = pytest.mark.skipif(
 )
 
 # float32 in vLLM: its sampled-token log-probs then agree with the trainer's to ~1e-5 (seen: <= 2e-5)
-CONFIG = GeneratorConfig(kind="vllm", dtype="float32", bucket_mb=1.0)  # 1 MB buckets: the ~26 MB toy model takes many
+CONFIG = GeneratorConfig(
+    kind="vllm", dtype="float32", bucket_mb=1.0
+)  # 1 MB buckets: the ~26 MB toy model takes many
 LOGPROB_ATOL = 1e-4
 
 
@@ -258,3 +260,55 @@ def test_a_dead_worker_is_reported(server):
     server._process.join()
     with pytest.raises(RuntimeError, match="vLLM worker died during generate"):
         server.generate([toy_prompts(1)[0].text], 1, SamplingConfig(max_new_tokens=4))
+
+
+# ------------------------------------------------------------------------------ constraints
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_constrained_vllm_samples_obey_their_grammars_and_score_as_the_trainer_does(colocated):
+    """Per-prompt grammars as vLLM structured outputs: a crystal formula grammar (NaCl, spelt in the toy
+    tokenizer's bytes), a digit grammar whose first two tokens are forced, and a free prompt. Samples obey
+    their grammar, the replayed masks hold every sampled token, and the trainer's masked log-probs equal vLLM's
+    processed ones (forced positions: 0 on both sides), which the unmasked log-probs do not."""
+    import re
+
+    from crystals.grammar import structure_grammar
+    from crystals.text import parse_structure
+    from grpo.generation import decode_responses
+
+    generator = colocated
+    tokenizer = toy_tokenizer()
+    model = perturbed_model(seed=3)
+    generator.load_weights(model, version=11)  # earlier tests moved the engine's weights
+    specs = [structure_grammar("formula", "NaCl", max_atoms=2), 'root ::= "12" [0-9]{1,4}', None]
+    n, temperature = 4, 0.8
+    rollout = generator.generate(
+        [p.text for p in toy_prompts(3)],
+        n,
+        SamplingConfig(temperature=temperature, max_new_tokens=80, seed=4),
+        specs,
+    )
+    texts = decode_responses(tokenizer, rollout)
+    assert not rollout.truncated[: 2 * n].any()
+    for text in texts[:n]:
+        assert parse_structure(text).composition.reduced_formula == "NaCl", text
+    for text in texts[n : 2 * n]:
+        assert re.fullmatch(r"12[0-9]{1,4}", text), text
+    inside = rollout.response_mask.bool()
+    allowed = rollout.masks.allowed()
+    assert allowed.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)[inside].all()
+    assert allowed[2 * n :].all()  # the free prompt's rows
+    forced = rollout.masks.forced() & inside
+    assert forced[n : 2 * n, :2].all()
+
+    trainer_lp = batched_response_logprobs(model, rollout, micro_batch_size=8, temperature=temperature)
+    torch.testing.assert_close(
+        rollout.logprobs, trainer_lp * rollout.response_mask, atol=LOGPROB_ATOL, rtol=0
+    )
+    assert (trainer_lp[forced] == 0).all() and (rollout.logprobs[forced].abs() <= LOGPROB_ATOL).all()
+    unmasked = batched_response_logprobs(
+        model, dataclasses.replace(rollout, masks=None), micro_batch_size=8, temperature=temperature
+    )
+    assert (unmasked - trainer_lp)[: 2 * n][inside[: 2 * n]].abs().max() > 0.1
