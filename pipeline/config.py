@@ -124,6 +124,11 @@ def load_configs(
         raise PipelineError(str(err)) from None
 
 
+# Settings a resumed run may change: asking for more steps continues the same run (a cosine schedule is then
+# stretched from the resumed step on).
+LENGTHENING = frozenset({"total_steps"})
+
+
 def check_run_dir(out: Path) -> None:
     """An output folder must be a folder (or not exist yet)."""
     if out.exists() and not out.is_dir():
@@ -132,7 +137,8 @@ def check_run_dir(out: Path) -> None:
 
 def refuse_changed_settings(run_dir: Path, configs: dict, resume: bool) -> None:
     """A run directory continues only the run that wrote it: resuming with other settings is refused, with the
-    differing keys named (they would mix two experiments in one log and checkpoint series)."""
+    differing keys named (they would mix two experiments in one log and checkpoint series); only the run's
+    length may change (LENGTHENING)."""
     check_run_dir(run_dir)
     saved_path = run_dir / "config.toml"
     if not (resume and saved_path.is_file()):
@@ -141,7 +147,7 @@ def refuse_changed_settings(run_dir: Path, configs: dict, resume: bool) -> None:
         saved = read_toml(saved_path)
     except ConfigError as err:
         raise PipelineError(f"{run_dir} holds an unreadable config.toml ({err}); use a new --out") from None
-    changed = config_differences(saved, configs)
+    changed = [key for key in config_differences(saved, configs) if key.split(".", 1)[1] not in LENGTHENING]
     if changed:
         raise PipelineError(
             f"{run_dir} holds a run with different settings ({', '.join(changed)}); "
