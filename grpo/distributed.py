@@ -9,6 +9,10 @@ How a sharded GRPO step equals a single-process step on the same batch:
   - each rank weighs its micro-batch losses by its share of the GLOBAL normaliser (token or sequence count summed
     over ranks), and FSDP sums (not averages) the gradients over ranks (`shard_model` sets divide factor 1).
 
+Loading (`load_sharded`): every rank builds the model on the meta device and shards it, and rank 0 streams the
+checkpoint in tensor by tensor, so no rank ever holds the whole model (not even rank 0). Mixed precision: the
+sharded masters stay float32, a bf16 `ShardingConfig.param_dtype` computes in bf16 (`sharding_config`).
+
 Accelerate 1.15 does not shard with FSDP on CPU (it trains an unsharded copy on every process without a word), so
 `init_distributed` refuses that launch; on GPUs `accelerate launch --config_file configs/accelerate_fsdp2.yaml`
 works as a launcher and its FSDP settings (offload, mixed precision) are read by `settings_from_accelerate_env`.
@@ -16,8 +20,9 @@ works as a launcher and its FSDP settings (offload, mixed precision) are read by
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,10 +35,13 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from grpo.models import Dtype, SafetensorsCheckpoint, empty_model_and_tokenizer, local_checkpoint
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,7 +49,8 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class ShardingConfig:
     # Mixed precision: parameters all-gathered (and the forward run) in `param_dtype`, gradients reduced in
-    # `reduce_dtype`; None keeps the stored dtype. The sharded master weights and the optimizer stay as loaded.
+    # `reduce_dtype`; None keeps the stored dtype. The sharded master weights and the optimizer stay as loaded
+    # (float32 for training: see grpo.precision).
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
     # Keep the policy's shards in host memory between uses (CPUOffloadPolicy; accelerators only). The frozen
@@ -74,8 +83,8 @@ def device() -> torch.device:
 
 def resolve_device(spec: str) -> torch.device:
     """The device a `run.device` setting names: "auto" (this process's GPU when there is one, else the CPU),
-    "cpu", "cuda" (this process's GPU: LOCAL_RANK under torchrun) or "cuda:N". ValueError, with what is
-    available, for a device this machine does not have."""
+    "cpu", "cuda" (this process's GPU: LOCAL_RANK under torchrun) or "cuda:N" (one process only). ValueError,
+    with what is available, for a device this machine does not have."""
     spec = spec.strip().lower()
     if spec == "auto":
         return device()
@@ -87,6 +96,11 @@ def resolve_device(spec: str) -> torch.device:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise ValueError(f"device {spec!r}: this machine has no CUDA device (use device=cpu or auto)")
+    if index and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank would take the same GPU (and NCCL refuses two ranks on one device)
+        raise ValueError(
+            f"device {spec!r}: under torchrun each rank uses its own GPU; use device=cuda or auto"
+        )
     chosen = int(index) if index else int(os.environ.get("LOCAL_RANK", 0))
     if chosen >= count:
         raise ValueError(f"device {spec!r}: only {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})")
@@ -110,14 +124,15 @@ def check_launcher() -> None:
         )
 
 
-def init_distributed(timeout_s: float = 1800.0) -> bool:
+def init_distributed(timeout_s: float = 1800.0, on: torch.device | None = None) -> bool:
     """Join the process group that torchrun (or accelerate launch) describes in RANK/WORLD_SIZE/MASTER_ADDR;
-    returns whether this is a multi-process run. NCCL on CUDA, gloo on CPU; no-op for a single process."""
+    returns whether this is a multi-process run. NCCL when the ranks train on CUDA (`on`, default: this
+    process's device), gloo on the CPU; no-op for a single process."""
     check_launcher()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if (on or device()).type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(device())
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
@@ -131,10 +146,10 @@ def shutdown() -> None:
 
 
 @contextmanager
-def process_group(timeout_s: float = 1800.0) -> Iterator[bool]:
+def process_group(timeout_s: float = 1800.0, on: torch.device | None = None) -> Iterator[bool]:
     """`init_distributed` for the span of a block (yields whether the run is multi-process); leaves the group
     torchrun asked for at the end (an in-process vLLM engine makes and removes its own)."""
-    sharded = init_distributed(timeout_s)
+    sharded = init_distributed(timeout_s, on)
     try:
         yield sharded
     finally:
@@ -154,26 +169,69 @@ def settings_from_accelerate_env() -> ShardingConfig:
     )
 
 
-def shard_model(model: torch.nn.Module, config: ShardingConfig | None = None, *, frozen: bool = False):
-    """FSDP2-shard a transformers causal LM in place: each decoder layer (`model.model.layers[i]`) is one unit
-    (its parameters all-gathered just for its forward/backward), the rest (embeddings, tied lm_head, final norm)
-    is the root unit. Every parameter becomes a DTensor holding 1/world_size of dim 0 on this rank.
+def sharding_config(compute_dtype: torch.dtype) -> ShardingConfig:
+    """The sharding settings of a run that computes in `compute_dtype`: the launch's (an accelerate launch's
+    mixed precision and offload), with bf16 mixed precision when `compute_dtype` is bfloat16: parameters
+    gathered and used in bf16, gradients reduced into the float32 masters in float32."""
+    launch = settings_from_accelerate_env()
+    if compute_dtype == torch.float32:
+        return launch
+    return dataclasses.replace(launch, param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks of a transformers model, in order: the outermost submodules whose class is named in
+    the model's `_no_split_modules` (the blocks transformers and Accelerate never cut apart, e.g.
+    Qwen2DecoderLayer under model.layers, GPT2Block under transformer.h). ValueError when there are none."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks: list[torch.nn.Module] = []
+    inside: set[int] = set()  # ids of the modules within a block already taken
+    for module in model.modules():  # depth first, parents before children: the outermost match comes first
+        if id(module) in inside:
+            continue
+        if type(module).__name__ in names:
+            blocks.append(module)
+            inside.update(id(m) for m in module.modules())
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__}: no decoder blocks found (its _no_split_modules is {sorted(names)})"
+        )
+    return blocks
+
+
+def _offloaded(config: ShardingConfig, frozen: bool, on: torch.device) -> bool:
+    # CPUOffloadPolicy needs an accelerator to copy to; on CPU the shards already live in host memory.
+    return on.type != "cpu" and (frozen or config.offload_policy)
+
+
+def shard_model(
+    model: torch.nn.Module,
+    config: ShardingConfig | None = None,
+    *,
+    frozen: bool = False,
+    on: torch.device | None = None,
+):
+    """FSDP2-shard a transformers causal LM in place: each decoder block (`decoder_layers`) is one unit (its
+    parameters all-gathered just for its forward/backward), the rest (embeddings, tied lm_head, final norm)
+    is the root unit. Every parameter becomes a DTensor holding 1/world_size of dim 0 on this rank, on `on`
+    (default: this process's device). A model on the meta device stays there (see `load_sharded`).
 
     Gradients are summed over ranks (divide factor 1, not FSDP's default mean): the trainer already weighs each
     rank's loss by its share of the global batch. `frozen` (the reference model) skips that and, on an
     accelerator, offloads the shards to host memory. Returns the model (its class becomes FSDP<Class>).
     """
     config = config or ShardingConfig()
-    on_accelerator = device().type != "cpu"
-    # CPUOffloadPolicy needs an accelerator to copy to; on CPU the shards already live in host memory.
-    offload = on_accelerator and (frozen or config.offload_policy)
+    on = on or device()
     kwargs: dict[str, Any] = {
+        # the mesh's device type decides where the shards live (fully_shard's default is the accelerator
+        # whenever there is one, even for a run told to train on the CPU)
+        "mesh": init_device_mesh(on.type, (world_size(),)),
         "mp_policy": MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype),
     }
-    if offload:
+    if _offloaded(config, frozen, on):
         kwargs["offload_policy"] = CPUOffloadPolicy()
     # fully_shard moves the shards to this rank's device itself (or keeps them on the host with offload)
-    units = [*model.model.layers, model]
+    units = [*decoder_layers(model), model]
     for unit in units:
         fully_shard(unit, **kwargs)
     if frozen:
@@ -225,6 +283,33 @@ def gather_objects(items: list) -> list:
     parts: list[list] = [[] for _ in range(world_size())]
     dist.all_gather_object(parts, items)
     return [item for part in parts for item in part]
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object; identity for a single process)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's integer on every rank: one small tensor broadcast, for a signal sent many times."""
+    if world_size() == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.broadcast(box, src=0)
+    return int(box.item())
+
+
+def scatter_objects(items: list | None) -> Any:
+    """Rank r's item of rank 0's list of one picklable item per rank (others pass None)."""
+    if world_size() == 1:
+        return items[0]
+    out = [None]
+    dist.scatter_object_list(out, items if is_main() else None, src=0)
+    return out[0]
 
 
 def barrier() -> None:
@@ -282,25 +367,84 @@ def load_optimizer_state(
     set_optimizer_state_dict(model, optimizer, state, options=_full(broadcast=True))
 
 
-def _with_tied_names(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add the missing aliases of shared parameters (a safetensors file keeps one name for a tied embedding)."""
+def load_full_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load whole tensors read on rank 0 (the other ranks pass {}) into a sharded (or plain) model, one
+    parameter at a time: rank 0 broadcasts the full tensor, each rank keeps its own shard of it. No rank holds
+    more than its shards plus one full tensor, so `state` can be a checkpoint read lazily tensor by tensor.
+
+    A parameter is looked up under each of its names (a tied embedding is saved under one, either one); a
+    tensor is cast to the parameter's dtype. Buffers stay as the model built them (a causal LM's are
+    computed from its config). Collective; ValueError on every rank when the state lacks a parameter."""
     aliases: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
-    state = dict(state)
-    for names in aliases.values():
-        present = [n for n in names if n in state]
-        for name in names if present else ():
-            state.setdefault(name, state[present[0]])
-    return state
+        params[id(param)] = param
+    missing = (
+        [names[0] for names in aliases.values() if not any(n in state for n in names)] if is_main() else []
+    )
+    missing = broadcast_object(missing)
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+    # One receive buffer per dtype, as large as the largest parameter, reused for every tensor: a fresh buffer
+    # per tensor would leave the allocator holding freed ones of every size (seen: +20 % of the model in RSS).
+    largest: dict[torch.dtype, int] = {}
+    for param in params.values():
+        largest[param.dtype] = max(largest.get(param.dtype, 0), param.numel())
+    buffers = {
+        dtype: torch.empty(numel, dtype=dtype, device=_comm_device()) for dtype, numel in largest.items()
+    }
+    for key, names in aliases.items():
+        param = params[key]
+        full = buffers[param.dtype][: param.numel()].view(param.shape)
+        if is_main():
+            full.copy_(state[next(n for n in names if n in state)])
+        if world_size() > 1:
+            dist.broadcast(full, src=0)
+        with torch.no_grad():
+            if isinstance(param, DTensor):
+                # this rank's slice of the full tensor, cut locally (src_data_rank=None: no communication)
+                shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(shard.to_local())
+            else:
+                param.copy_(full)
 
 
-def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict read on rank 0 (other ranks pass {}) into a sharded model; each rank keeps only
-    its shards of the broadcast. Collective."""
-    if is_main():
-        state = _with_tied_names(model, state)
-    set_model_state_dict(model, state, options=_full(broadcast=True))
+def load_sharded(
+    source: str | Path,
+    *,
+    dtype: Dtype,
+    config: ShardingConfig | None = None,
+    frozen: bool = False,
+    gradient_checkpointing: bool = False,
+    on: torch.device | None = None,
+):
+    """(model, tokenizer) of a safetensors checkpoint (directory or hub name), FSDP2-sharded as it loads so no
+    rank ever holds the whole model: every rank builds the model on the meta device (no memory), shards it
+    (`shard_model`), allocates only its own shards, and then rank 0 reads the checkpoint tensor by tensor and
+    broadcasts each (`load_full_model_state`). Host memory per rank: its shards plus one full tensor (rank 0
+    also reads one tensor at a time). Collective: every rank calls it with the same arguments."""
+    on = on or device()
+    path = broadcast_object(local_checkpoint(source) if is_main() else None)  # a hub name is fetched once
+    model, tokenizer = empty_model_and_tokenizer(
+        path, dtype=dtype, gradient_checkpointing=gradient_checkpointing
+    )
+    # the buffers (rotary frequencies) are real already; to_empty below would replace them by garbage
+    buffers = {
+        (id(module), name): buffer
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    }
+    config = config or ShardingConfig()
+    shard_model(model, config, frozen=frozen, on=on)
+    model.to_empty(device="cpu" if _offloaded(config, frozen, on) else on)
+    for module in model.modules():
+        for name in list(module._buffers):
+            if (id(module), name) in buffers:
+                module._buffers[name] = buffers[id(module), name].to(on)
+    load_full_model_state(model, SafetensorsCheckpoint(path) if is_main() else {})
+    return model, tokenizer
 
 
 def save_pretrained_full(model, tokenizer, path: str | Path) -> Path:
@@ -316,12 +460,14 @@ def save_pretrained_full(model, tokenizer, path: str | Path) -> Path:
     return path
 
 
-def setup_sharded(model, ref_model=None, config: ShardingConfig | None = None):
-    """What a launcher calls before building the GRPOTrainer: shard the policy and the frozen reference
-    (`config` defaults to the accelerate launch settings, or none). The trainer reads the rank and world size
-    from the process group. Returns (model, ref_model)."""
+def setup_sharded(
+    model, ref_model=None, config: ShardingConfig | None = None, on: torch.device | None = None
+):
+    """Shard a policy and its frozen reference already loaded on every rank (`config` defaults to the
+    accelerate launch settings, or none); `load_sharded` instead shards a checkpoint as it loads. The trainer
+    reads the rank and world size from the process group. Returns (model, ref_model)."""
     config = config or settings_from_accelerate_env()
-    shard_model(model, config)
+    shard_model(model, config, on=on)
     if ref_model is not None:
-        shard_model(ref_model, config, frozen=True)
+        shard_model(ref_model, config, frozen=True, on=on)
     return model, ref_model

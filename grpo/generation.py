@@ -31,7 +31,8 @@ class GeneratorConfig:
     """The rollout engine and its settings (a run's `[generator]` table)."""
 
     # "hf": transformers generate on the policy itself; "vllm": a vLLM engine in this process; "vllm-server":
-    # a vLLM worker process, weights broadcast over gloo (CPU) or NCCL (GPU). The vllm ones need the extra.
+    # a vLLM worker process, weights broadcast over gloo (CPU) or NCCL (GPU). The vllm ones need the extra;
+    # under torchrun either vllm kind is one worker process beside rank 0 (grpo.sharded_rollouts).
     kind: Literal["hf", "vllm", "vllm-server"] = "hf"
     batch_size: int = 64  # hf: sequences per generate() call
     max_prompt_tokens: int = 1024  # longer prompts lose their beginning, never the task at their end
@@ -267,16 +268,32 @@ class HFGenerator:
 
 def build_generator(config: GeneratorConfig, model, tokenizer, weights_dir: str | Path) -> Generator:
     """The rollout engine a config names. A vLLM engine starts from the model's current weights, saved once to
-    `weights_dir` (so a resumed run samples from the resumed model); the trainer syncs it after every update."""
+    `weights_dir` (so a resumed run samples from the resumed model); the trainer syncs it after every update.
+    A worker process's sync group follows the model's device (NCCL from a GPU, see grpo.vllm_generator).
+
+    Sharded (torchrun): one engine on rank 0 serves every rank (grpo.sharded_rollouts), in a worker process
+    whichever vLLM kind is asked for: an engine inside a rank would join the trainer's process group.
+    Collective then: every rank calls it (the starting weights are gathered to rank 0)."""
     if config.kind == "hf":
         return HFGenerator(
             model, tokenizer, batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens
         )
+    from grpo.distributed import is_main, save_pretrained_full, world_size
     from grpo.models import save_model
     from grpo.vllm_generator import VLLMGenerator, VLLMServerGenerator
 
-    engine = VLLMGenerator if config.kind == "vllm" else VLLMServerGenerator
-    return engine(save_model(model, tokenizer, weights_dir), tokenizer, config)
+    device = next(model.parameters()).device
+    if world_size() > 1:
+        from grpo.sharded_rollouts import RankZeroGenerator
+
+        path = save_pretrained_full(model, tokenizer, weights_dir)
+        return RankZeroGenerator(
+            VLLMServerGenerator(path, tokenizer, config, device=device) if is_main() else None
+        )
+    path = save_model(model, tokenizer, weights_dir)
+    if config.kind == "vllm":
+        return VLLMGenerator(path, tokenizer, config)
+    return VLLMServerGenerator(path, tokenizer, config, device=device)
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

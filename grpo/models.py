@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -262,6 +266,34 @@ def load_model_and_tokenizer(
     tokenizer = load_tokenizer(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch_dtype)
     model.to(device)
+    _prepare(model, tokenizer, gradient_checkpointing)
+    return model, tokenizer
+
+
+def empty_model_and_tokenizer(
+    path: str | Path, *, dtype: Dtype = "bfloat16", gradient_checkpointing: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """What ``load_model_and_tokenizer(path)`` returns, with the parameters on the meta device: shapes and
+    dtypes, no memory and no values (buffers, computed from the config, are real). For a loader that fills
+    the parameters itself, such as grpo.distributed.load_sharded."""
+    torch_dtype = _resolve_dtype(dtype)
+    tokenizer = load_tokenizer(path)
+    config = AutoConfig.from_pretrained(path)
+    if torch_dtype == "auto":
+        torch_dtype = getattr(config, "dtype", None) or torch.float32
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.tie_weights()  # the empty init registers every parameter anew, which unties shared ones
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()  # as from_pretrained leaves a model
+    _prepare(model, tokenizer, gradient_checkpointing)
+    return model, tokenizer
+
+
+def _prepare(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gradient_checkpointing: bool
+) -> None:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config.pad_token_id is None:
@@ -270,7 +302,49 @@ def load_model_and_tokenizer(
         # non-reentrant checkpointing works with inputs that do not require grad and with autocast
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model, tokenizer
+
+
+def local_checkpoint(name_or_path: str | Path) -> str:
+    """A local directory holding the safetensors checkpoint of a directory or hub name (downloaded into the
+    hub cache); ValueError for a GGUF file, whose weights only transformers' own loader dequantises."""
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        raise ValueError(f"{path}: a GGUF file loads in one process only; save it with save_model first")
+    if path.is_dir():
+        return str(path)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]  # config, weights, tokenizer files
+    return snapshot_download(str(name_or_path), allow_patterns=patterns)
+
+
+class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
+    """The tensors of a checkpoint directory's ``*.safetensors`` files (one or several shards) by name, each
+    read from disk when asked for, so only the tensor in hand takes memory. Each read opens its file anew:
+    safetensors maps a file into memory, and every page read through an open mapping stays resident (counted
+    in the process's RSS) until the file is closed, so one open file would end up holding the whole model."""
+
+    def __init__(self, path: str | Path):
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors file in {path}")
+        self._where: dict[str, Path] = {}
+        for file in files:
+            with safe_open(file, framework="pt") as handle:  # reads the header only
+                self._where.update(dict.fromkeys(handle.keys(), file))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self._where[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:

@@ -59,6 +59,7 @@ from grpo.losses import (
 )
 from grpo.optim import IndexSampler, LRSchedule, build_adamw, build_scheduler
 from grpo.policy import batched_response_logprobs, response_logprobs
+from grpo.precision import compute_context
 from grpo.run_log import RunLogger, step_progress
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,11 @@ class GRPOTrainer:
         run_dir: str | Path,
         ref_model=None,
         console_log: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
     ):
+        """`compute_dtype`: what the trainer's forward passes (old, reference and update log-probs) multiply in;
+        bfloat16 with float32 masters is mixed precision (grpo.precision: autocast in one process, the FSDP
+        policy's param_dtype for a sharded model). The generator samples as it is built to."""
         if config.kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model (or set kl_coef = 0)")
         if config.temperature <= 0:
@@ -251,6 +256,7 @@ class GRPOTrainer:
             betas=(config.adam_beta1, config.adam_beta2),
         )
         self.scheduler = build_scheduler(self.optimizer, config)
+        self.compute = compute_context(model, compute_dtype)
         self.logger = RunLogger(
             self.run_dir / "train_log.jsonl",
             tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard and is_main() else None,
@@ -427,9 +433,10 @@ class GRPOTrainer:
         cfg = self.config
 
         def logprobs(model) -> torch.Tensor:
-            return batched_response_logprobs(
-                model, rollout, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature
-            )
+            with self.compute():
+                return batched_response_logprobs(
+                    model, rollout, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature
+                )
 
         # One epoch over one mini-batch is exactly on-policy: the old log-probs equal the current ones at the
         # start of the update, so take them (detached) from the update's own forward pass and skip a pass.
@@ -469,16 +476,17 @@ class GRPOTrainer:
                 for micro_start in range(0, len(mini), cfg.micro_batch_size):
                     rows = mini[micro_start : micro_start + cfg.micro_batch_size]
                     mask = loss_mask[rows].to(device)
-                    logprobs, entropy = response_logprobs(
-                        self.model,
-                        rollout.prompt_ids[rows],
-                        rollout.prompt_mask[rows],
-                        rollout.response_ids[rows],
-                        rollout.response_mask[rows],
-                        temperature=cfg.temperature,
-                        with_entropy=True,
-                        masks=rollout.masks.rows(rows) if rollout.masks is not None else None,
-                    )
+                    with self.compute():  # the forward only: the loss after it is float32 math (grpo.losses)
+                        logprobs, entropy = response_logprobs(
+                            self.model,
+                            rollout.prompt_ids[rows],
+                            rollout.prompt_mask[rows],
+                            rollout.response_ids[rows],
+                            rollout.response_mask[rows],
+                            temperature=cfg.temperature,
+                            with_entropy=True,
+                            masks=rollout.masks.rows(rows) if rollout.masks is not None else None,
+                        )
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[rows].to(device)
                     tis = None
                     if cfg.tis_cap > 0 and rollout.logprobs is not None:

@@ -7,7 +7,8 @@ Two ways to run the engine, both implementing the ``Generator`` protocol of grpo
   (``collective_rpc("reload_weights")``) by reference: no copy, no serialisation. On a GPU the engine sleeps
   (weights offloaded, KV cache freed) while the trainer trains.
 * ``VLLMServerGenerator`` (server): the engine lives in a separate worker process. Trainer (rank 0) and worker
-  (rank 1) share a private two-rank process group (gloo on CPU, NCCL on GPU); a sync broadcasts the parameters in
+  (rank 1) share a private two-rank process group (gloo on CPU; NCCL on GPUs when the worker has a GPU of its
+  own, see ``worker_placement``); a sync broadcasts the parameters in
   buckets (one flat buffer of several tensors up to ``bucket_mb``) and the worker feeds each bucket to the same
   in-place reload as it arrives, so neither side ever holds a second full copy of the model. Prompts and results
   travel over a pipe.
@@ -401,8 +402,48 @@ def _sync_group(store, rank: int, backend: str, timeout: datetime.timedelta):
     return dist.ProcessGroupGloo(store, rank, 2, timeout)
 
 
-def _serve(conn, model_path: str, config: dict, port: int, backend: str) -> None:
-    """Worker process: build the engine, join the sync group, then answer requests until "close"."""
+# What torchrun tells its ranks. A worker started by rank 0 inherits it and must not take it for its own: vLLM
+# would try to join the trainer's process group.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE")
+_LAUNCHER_ENV += ("ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def worker_placement(trainer: torch.device, busy: set[int], gpu_count: int) -> tuple[int | None, str]:
+    """(the GPU the worker's engine runs on, the backend of the sync group) for a trainer on `trainer` whose
+    processes on this machine use the GPUs `busy`.
+
+    NCCL connects two processes only on two different GPUs (it refuses two ranks on one device), so the
+    worker takes the first GPU no trainer process uses and the weights go GPU to GPU over NCCL. When every GPU
+    is taken it shares the trainer's (rank 0's) GPU and the weights go through host memory over gloo. A CPU
+    trainer: gloo, and the engine where vLLM puts it (None)."""
+    if trainer.type != "cuda":
+        return None, "gloo"
+    free = [index for index in range(gpu_count) if index not in busy]
+    if free:
+        return free[0], "nccl"
+    return trainer.index or 0, "gloo"
+
+
+def _trainer_gpus(trainer: torch.device) -> set[int]:
+    """The GPUs this machine's trainer processes use: under torchrun each local rank its LOCAL_RANK."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return set(range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return {trainer.index or 0}
+
+
+def _visible_name(index: int) -> str:
+    """CUDA_VISIBLE_DEVICES entry of this process's GPU `index` (indices count the visible GPUs only)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[index] if visible else str(index)
+
+
+def _serve(conn, model_path: str, config: dict, port: int, backend: str, gpu: str | None) -> None:
+    """Worker process: build the engine (on GPU `gpu`, a CUDA_VISIBLE_DEVICES entry, when given), join the
+    sync group, then answer requests until "close"."""
+    for key in _LAUNCHER_ENV:
+        os.environ.pop(key, None)
+    if gpu is not None:  # before anything touches CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     try:
         cfg = GeneratorConfig(**config)
         llm = _build_llm(model_path, cfg, sleep_mode=False)
@@ -445,11 +486,16 @@ class VLLMServerGenerator(_EngineRollouts):
     def __init__(
         self, model_path: str | Path, tokenizer, config: GeneratorConfig | None = None, *, device="cpu"
     ):
+        """`device`: the trainer's; the worker's GPU and the sync backend follow from it (`worker_placement`)."""
         if importlib.util.find_spec("vllm") is None:  # fail here, in the trainer, with the install hint
             raise ImportError(INSTALL_HINT)
         self._setup(model_path, tokenizer, config)
-        self.device = torch.device(device)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        trainer = torch.device(device)
+        count = torch.cuda.device_count() if trainer.type == "cuda" else 0
+        gpu, backend = worker_placement(trainer, _trainer_gpus(trainer), count)
+        self.backend = backend
+        # where a sync's buckets are put together: the trainer's GPU for NCCL, host memory for gloo
+        self.device = trainer if backend == "nccl" else torch.device("cpu")
         timeout = datetime.timedelta(seconds=self.config.worker_timeout_s)
         # The trainer's side of the store listens on a free port first, so the worker can never miss it.
         store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=timeout, wait_for_workers=False)
@@ -457,7 +503,14 @@ class VLLMServerGenerator(_EngineRollouts):
         self._conn, child_conn = ctx.Pipe()
         self._process = ctx.Process(
             target=_serve,
-            args=(child_conn, str(model_path), asdict(self.config), store.port, backend),
+            args=(
+                child_conn,
+                str(model_path),
+                asdict(self.config),
+                store.port,
+                backend,
+                None if gpu is None else _visible_name(gpu),
+            ),
             daemon=True,
             name="vllm-worker",
         )

@@ -15,6 +15,7 @@ from typing import Literal
 from crystals.grammar import Constraint
 from grpo.config import ConfigError, config_differences, load_sections, read_toml, to_toml
 from grpo.models import Dtype
+from grpo.precision import ComputeDtype
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -30,10 +31,15 @@ class RunConfig:
 
     model: str = "tiny"  # path or hub name of a causal LM, or a size name (tiny/small/base) to build fresh
     data_dir: str | None = None
-    device: str = (
-        "auto"  # auto (CUDA when present), cpu, cuda, cuda:N; under torchrun each rank its local GPU
-    )
+    # auto (CUDA when present), cpu, cuda, cuda:N; under torchrun each rank its local GPU (auto or cuda)
+    device: str = "auto"
+    # Storage of the trained model: its master weights and, following them, the optimizer's moments. bfloat16
+    # masters do not train at a fine-tuning lr (an AdamW step rounds away) and are refused; for bf16 speed
+    # keep float32 here and set compute_dtype.
     dtype: Dtype = "float32"
+    # What the forward and backward passes compute in: "bfloat16" with float32 masters is mixed precision
+    # (autocast in one process, FSDP2 MixedPrecisionPolicy when sharded); the reference model is stored in it.
+    compute_dtype: ComputeDtype = "float32"
     gradient_checkpointing: bool = False
     prompt_examples: Literal["paper", "train"] = "paper"
     train_limit: int | None = None  # cap on training structures read (SFT pairs, tokenizer corpus)

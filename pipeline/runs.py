@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from crystals.data import iter_split, split_formulas
@@ -30,10 +31,11 @@ from grpo.checkpoint import latest_checkpoint
 from grpo.distributed import (
     barrier,
     is_main,
+    load_sharded,
     process_group,
     resolve_device,
     save_pretrained_full,
-    setup_sharded,
+    sharding_config,
 )
 from grpo.generation import GeneratorConfig, SamplingConfig, build_generator, decode_responses
 from grpo.models import (
@@ -43,6 +45,7 @@ from grpo.models import (
     save_model,
     train_bpe_tokenizer,
 )
+from grpo.precision import COMPUTE_DTYPES, PrecisionError, check_master_weights
 from grpo.sft import SFTConfig, SFTTrainer
 from grpo.trainer import GRPOConfig, GRPOTrainer, PromptItem
 from pipeline.config import (
@@ -144,28 +147,70 @@ def initial_model_source(
     return str(initial)
 
 
-def load_model(run: RunConfig, path: str | Path, *, dtype: str | None = None, trainable: bool = True):
-    """(model, tokenizer) from a path or hub name, on the run's device; a model that cannot be loaded is a
-    PipelineError naming it."""
+def run_device(run: RunConfig) -> torch.device:
+    """The device `run.device` names on this machine (this rank's GPU under torchrun); a PipelineError saying
+    what is there when it is not."""
     try:
-        device = resolve_device(run.device)
+        return resolve_device(run.device)
     except ValueError as err:
         raise PipelineError(f"run.device: {err}") from None
+
+
+def load_model(
+    run: RunConfig,
+    path: str | Path,
+    *,
+    dtype: str | None = None,
+    trainable: bool = True,
+    sharded: bool = False,
+):
+    """(model, tokenizer) from a path or hub name, on the run's device, in `dtype` (default: run.dtype); a
+    model that cannot be loaded is a PipelineError naming it. `sharded` (torchrun): FSDP2-sharded as it loads
+    (grpo.distributed.load_sharded), in the run's compute dtype (bf16 mixed precision) and a frozen one
+    (`trainable=False`) offloaded to host memory on GPUs."""
+    device = run_device(run)
+    dtype = dtype or run.dtype
+    checkpointing = trainable and run.gradient_checkpointing
     try:
+        if sharded:
+            sharding = sharding_config(COMPUTE_DTYPES[run.compute_dtype])
+            return load_sharded(
+                path,
+                dtype=dtype,
+                config=sharding,
+                frozen=not trainable,
+                gradient_checkpointing=checkpointing,
+                on=device,
+            )
         return load_model_and_tokenizer(
-            path,
-            dtype=dtype or run.dtype,
-            gradient_checkpointing=trainable and run.gradient_checkpointing,
-            device=device,
+            path, dtype=dtype, gradient_checkpointing=checkpointing, device=device
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PipelineError(f"cannot load model {str(path)!r}: {first_line}") from None
 
 
-def load_policy(run: RunConfig, source: str, checkpoint: Path | None):
+def load_policy(run: RunConfig, source: str, checkpoint: Path | None, sharded: bool = False):
     """The policy to train: the newest checkpoint's weights when resuming, else the starting model."""
-    return load_model(run, checkpoint / "model" if checkpoint is not None else source)
+    return load_model(run, checkpoint / "model" if checkpoint is not None else source, sharded=sharded)
+
+
+def load_reference(run: RunConfig, source: str, sharded: bool = False):
+    """The frozen starting model of the KL term, stored in the compute dtype: it is never updated, so it needs
+    no float32 masters (bf16 compute: half the memory)."""
+    model, _ = load_model(run, source, dtype=run.compute_dtype, trainable=False, sharded=sharded)
+    return model.requires_grad_(False)
+
+
+def check_precision(policy, lr: float) -> None:
+    """The trainers' refusal of master weights too coarse for their lr (grpo.precision), as a PipelineError
+    and before a rollout engine starts."""
+    try:
+        check_master_weights(policy, lr)
+    except PrecisionError as err:
+        raise PipelineError(
+            f"run.dtype: {err}: --set run.dtype=float32 --set run.compute_dtype=bfloat16"
+        ) from None
 
 
 def latest_to_resume(out: Path, resume: bool) -> Path | None:
@@ -214,9 +259,11 @@ def run_sft(
 ) -> Path:
     """Supervised fine-tuning into run directory `out` (prompt for a formula -> its ground-truth structure);
     returns the final model's path. `record`: configs to write to RUN/config.toml once everything loaded."""
+    run_device(run)  # an unavailable device fails before anything is written
     checkpoint = latest_to_resume(out, resume)
     train_pairs = load_crystal_texts(run, "train", run.train_limit)
     policy, tokenizer = load_policy(run, initial_model_source(run, out, train_pairs), checkpoint)
+    check_precision(policy, sft.lr)
     val_pairs = load_crystal_texts(run, "val", sft.eval_samples)
     builder = prompt_builder(run, [t for _, t in train_pairs])
     trainer = SFTTrainer(
@@ -227,6 +274,7 @@ def run_sft(
         config=sft,
         run_dir=out,
         console_log=progress,
+        compute_dtype=COMPUTE_DTYPES[run.compute_dtype],
     )
     if record is not None:
         save_resolved_config(out, record)
@@ -248,26 +296,19 @@ def run_grpo(
     `record`: configs to write to RUN/config.toml once everything loaded.
 
     Under `torchrun --nproc-per-node N` every process runs this: the policy and the reference model are
-    sharded with FSDP2 (grpo.distributed) and each rank samples its share of the step's prompts."""
-    with process_group() as sharded:  # LaunchError: accelerate launch with FSDP on CPU
-        if sharded and generator_config.kind != "hf":
-            raise PipelineError(
-                f"generator {generator_config.kind!r} with a sharded (torchrun) run is not supported; "
-                "use generator.kind=hf"
-            )
+    sharded with FSDP2 as they load (grpo.distributed.load_sharded), each rank samples its share of the step's
+    prompts, and a vLLM engine serves every rank from rank 0 (grpo.sharded_rollouts)."""
+    device = run_device(run)  # an unavailable device fails before anything is written
+    with process_group(on=device) as sharded:  # LaunchError: accelerate launch with FSDP on CPU
         checkpoint = latest_to_resume(out, resume)
         if is_main():  # builds RUN/initial_model once for a size name; the other ranks then read it
             initial_model_source(run, out)
         barrier()
         source = initial_model_source(run, out)
-        policy, tokenizer = load_policy(run, source, checkpoint)
+        policy, tokenizer = load_policy(run, source, checkpoint, sharded)
+        check_precision(policy, grpo.lr)
         formulas = split_formulas("train", run.data_dir, seed=run.seed, limit=run.train_limit)
-        ref_model = None
-        if grpo.kl_coef > 0:  # the frozen starting model, for the KL term
-            ref_model, _ = load_model(run, source, trainable=False)
-            ref_model.requires_grad_(False)
-        if sharded:
-            setup_sharded(policy, ref_model)
+        ref_model = load_reference(run, source, sharded) if grpo.kl_coef > 0 else None
         prompts = crystal_prompt_items(run, formulas, tokenizer, prompt_builder(run))
         if record is not None and is_main():
             save_resolved_config(out, record)
@@ -285,6 +326,7 @@ def run_grpo(
             run_dir=out,
             ref_model=ref_model,
             console_log=progress,
+            compute_dtype=COMPUTE_DTYPES[run.compute_dtype],
         )
         try:
             return train_and_save(trainer, checkpoint, out, "GRPO", progress)

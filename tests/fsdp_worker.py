@@ -1,15 +1,21 @@
 """The sharded side of tests/test_fsdp.py: GRPO on the toy model, FSDP2-sharded over gloo processes on the CPU.
 
-    python -m torch.distributed.run --nproc-per-node 2 --master-port PORT -m tests.fsdp_worker OUT CKPT
+    python -m torch.distributed.run --nproc-per-node 2 --master-port PORT -m tests.fsdp_worker OUT CKPT BASE
 
 One launch (each costs seconds of process start and imports) does it all:
+  - first, while nothing else has grown the process: the "base" model at BASE (~250 MB in fp32) loaded with
+    load_sharded, the growth of each rank's peak RSS over the load, and whether the shards hold the file's
+    values;
   - how the parameters are sharded, then one GRPO step (KL reference, 2 micro-batches per rank) on the fixed
     rollout of tests/test_trainer.py, each rank given its own prompt's rows, per loss aggregation mode in
     STEP_AGGS: gathered gradients, updated weights and metrics, and the time of the step and of a state gather;
   - a 2-step run with the HF sampler (synced decoding), checkpointing every step, its final model saved to
     OUT/final_model (save_pretrained_full); then a fresh model, trainer
     and optimizer restored from its step-1 checkpoint (weights broadcast from rank 0) run step 2 again;
-  - the single-process checkpoint CKPT loaded into a sharded model and optimizer.
+  - the single-process checkpoint CKPT loaded into a sharded model and optimizer;
+  - 5 steps at lr 1e-6 with bf16 compute (FSDP2 MixedPrecisionPolicy) over fp32 sharded masters, with a bf16
+    reference, on the fixed rollout: the gathered weights;
+  - a small GPT-2 sharded by its decoder blocks (transformer.h, found through _no_split_modules): its logits.
 
 Rank 0 writes what it found to OUT/result.pt.
 """
@@ -18,21 +24,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from grpo.distributed import (
+    ShardingConfig,
     full_model_state,
     init_distributed,
     is_main,
     load_full_model_state,
+    load_sharded,
     optimizer_state,
     rank,
     save_pretrained_full,
     setup_sharded,
+    shard_model,
     world_size,
 )
 from grpo.generation import HFGenerator, Rollout
@@ -176,13 +187,87 @@ def resume(out: Path, single_checkpoint: Path) -> dict:
     return found
 
 
+def rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def sharded_load(base: Path) -> dict:
+    """Peak RSS growth of each rank while load_sharded reads `base`: the lifetime peak after the load minus the
+    RSS before it. Run first, while the process's peak is its current RSS, the growth is exact; any earlier
+    peak could only make it read higher."""
+    before = rss_mb()
+    model, _ = load_sharded(base, dtype="float32")
+    growth = peak_rss_mb() - before
+    growths = [None] * world_size()
+    torch.distributed.all_gather_object(growths, growth)
+    full = full_model_state(model)
+    exact = None
+    if is_main():
+        saved = load_file(base / "model.safetensors")
+        exact = all(name in full and torch.equal(full[name], value) for name, value in saved.items())
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    return {"rss_growth_mb": growths, "exact": exact, "tied": tied, "sharded": type(model).__name__}
+
+
+def mixed_precision_config() -> GRPOConfig:
+    """The fixed rollout (16 samples, micro-batches of 4), 5 steps at the paper's lr 1e-6, KL 0.001."""
+    return dataclasses.replace(step_config("token-mean"), total_steps=5, lr=1e-6, kl_coef=0.001)
+
+
+def mixed_precision(out: Path) -> dict:
+    """5 steps with bf16 compute over fp32 sharded masters (and a bf16 reference): the gathered weights."""
+    bf16 = ShardingConfig(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model, ref_model = setup_sharded(toy_model(seed=0), toy_model(seed=1).bfloat16(), bf16)
+    tokenizer = toy_tokenizer()
+    trainer = GRPOTrainer(
+        model=model,
+        tokenizer=tokenizer,
+        generator=FixedGenerator(rank_rows(fixed_rollout(len(tokenizer)), rank(), world_size())),
+        prompts=toy_prompts(4),
+        reward_fn=length_reward,
+        config=mixed_precision_config(),
+        run_dir=out / "mixed-precision",
+        ref_model=ref_model,
+        console_log=False,
+        compute_dtype=torch.bfloat16,
+    )
+    for _ in range(trainer.config.total_steps):
+        trainer.step()
+    dtypes = {str(p.dtype) for p in model.parameters()}
+    return {"weights": full_model_state(model), "master_dtypes": dtypes}
+
+
+def small_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config).eval()
+
+
+def sharded_gpt2() -> dict:
+    """A GPT-2 (decoder blocks under transformer.h) sharded by shard_model: its logits on fixed tokens."""
+    model = shard_model(small_gpt2())
+    ids = torch.arange(12).view(2, 6)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    block_units = sum(type(m).__name__ == "FSDPGPT2Block" for m in model.modules())
+    return {"logits": logits, "block_units": block_units}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("base", type=Path)
     args = parser.parse_args()
     init_distributed()
-    found = {**one_step(args.out), **resume(args.out, args.checkpoint)}
+    found = {"sharded_load": sharded_load(args.base)}  # first: see sharded_load
+    found |= {**one_step(args.out), **resume(args.out, args.checkpoint)}
+    found |= {"mixed_precision": mixed_precision(args.out), "gpt2": sharded_gpt2()}
     if is_main():
         torch.save(found, args.out / "result.pt")
     torch.distributed.destroy_process_group()

@@ -6,12 +6,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.run import BENCHMARKS
 
@@ -90,3 +92,23 @@ def test_trl_side_by_side(quick_run):
     assert step["update_check"]["same_update"] is True
     assert step["trl"]["step_s"]["median"] > 0
     assert all(v > 0 for v in step["ratio_ours_over_trl"].values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_the_gpu_check_stops_at_once_without_a_gpu():
+    """benchmarks/gpu_check.sh on a CPU-only machine: exit 2 with a one-line reason, before building anything."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert (
+        done.stderr.strip()
+        == f"gpu check: cannot run: no CUDA device here (torch {torch.__version__}); "
+        + ("the GPU check needs one GPU")
+    )

@@ -246,7 +246,10 @@ def test_shipped_paper_config_loads_with_the_papers_settings():
     sections = {"run": RunConfig, "grpo": GRPOConfig, "reward": RewardConfig, "generator": GeneratorConfig}
     configs = load_configs(sections, path, [])
     run, grpo = configs["run"], configs["grpo"]
-    assert run.model == "Qwen/Qwen2.5-7B-Instruct" and run.dtype == "bfloat16" and run.gradient_checkpointing
+    assert run.model == "Qwen/Qwen2.5-7B-Instruct" and run.gradient_checkpointing
+    # fp32 masters with bf16 compute: bf16 masters would lose nearly every update at lr 1e-6
+    assert (run.dtype, run.compute_dtype) == ("float32", "bfloat16")
+    assert (configs["generator"].kind, configs["generator"].dtype) == ("vllm", "bfloat16")
     assert (grpo.prompts_per_step, grpo.group_size, grpo.lr, grpo.kl_coef) == (1024, 5, 1e-6, 0.001)
     assert grpo.mini_batch_size == 256 * grpo.group_size and grpo.max_new_tokens == 1024
     assert configs["reward"].name == "chgnet-etot+species"

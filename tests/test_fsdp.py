@@ -16,9 +16,17 @@ import pytest
 import torch
 
 from grpo import distributed
-from grpo.models import load_model_and_tokenizer
+from grpo.models import build_small_model, load_model_and_tokenizer, save_model
 from grpo.trainer import GRPOTrainer
-from tests.fsdp_worker import STEP_AGGS, length_reward, step_config, toy_trainer
+from tests.fsdp_worker import (
+    STEP_AGGS,
+    length_reward,
+    mixed_precision_config,
+    small_gpt2,
+    step_config,
+    toy_trainer,
+)
+from tests.test_precision import MAX_RELATIVE_ERROR, changed_fraction, relative_error, weight_updates
 from tests.test_trainer import FixedGenerator, fixed_rollout
 from tests.toy import toy_model, toy_prompts, toy_tokenizer
 
@@ -31,11 +39,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(out: Path, checkpoint: Path) -> dict:
+def launch(out: Path, checkpoint: Path, base: Path) -> dict:
     """Run tests/fsdp_worker.py on 2 processes under torchrun; what its rank 0 found."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     command += ["--master-port", str(free_port()), "-m", "tests.fsdp_worker", str(out), str(checkpoint)]
+    command += [str(base)]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return torch.load(out / "result.pt", weights_only=False)
@@ -114,7 +123,9 @@ def sharded(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp")
     single = single_process_trainer(toy_model(seed=0), toy_tokenizer(), out / "single", 2)
     single.step()
-    found = launch(out, single.save())
+    base = save_model(build_small_model("base", toy_tokenizer()), toy_tokenizer(), out / "base")
+    found = launch(out, single.save(), base)
+    found["base_mb"] = (base / "model.safetensors").stat().st_size / 2**20
     found["single"] = {
         "weights": {k: v.clone() for k, v in single.model.state_dict().items()},
         "optimizer": single.optimizer.state_dict(),
@@ -170,6 +181,77 @@ def test_one_sharded_step_equals_one_single_process_step(sharded, tmp_path, loss
         # fraction of lr (1e-3), so the weights are held to lr / 10 (the gradients above are the tight check)
         torch.testing.assert_close(sharded["weights"][name], value, atol=1e-4, rtol=0)
     assert max((weights[k] - initial[k]).abs().max().item() for k in weights) > 5e-4  # a real update
+
+
+# ------------------------------------------------------------------------------ loading, layers, precision
+
+
+def test_loading_sharded_keeps_each_ranks_host_memory_near_its_shard(sharded):
+    """The ~250 MB "base" model loaded by load_sharded on 2 ranks: each rank's peak RSS grows by less than
+    0.75 x the model (its half plus one tensor at a time; loading the whole model first grows it by >= 1x),
+    and by at least 0.4 x (the measure sees the shard it keeps). The shards hold the file's exact values, and
+    the tied embedding stays tied."""
+    found, size = sharded["sharded_load"], sharded["base_mb"]
+    assert size > 200 and found["sharded"].startswith("FSDP")
+    for growth in found["rss_growth_mb"]:
+        assert 0.4 * size < growth < 0.75 * size, (found["rss_growth_mb"], size)
+    assert found["exact"] and found["tied"]
+
+
+def test_decoder_layers_are_found_in_any_causal_lm():
+    """Through _no_split_modules, not a fixed attribute path: Qwen2 (model.layers), Llama (model.layers) and
+    GPT-2 (transformer.h); a model without such blocks is an error that says so."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    qwen = toy_model(seed=0)
+    assert distributed.decoder_layers(qwen) == list(qwen.model.layers)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2
+        )
+    )
+    assert distributed.decoder_layers(llama) == list(llama.model.layers) and len(llama.model.layers) == 3
+    gpt2 = small_gpt2()
+    assert distributed.decoder_layers(gpt2) == list(gpt2.transformer.h)
+    with pytest.raises(ValueError, match="no decoder blocks"):
+        distributed.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_a_gpt2_shards_by_its_blocks_and_computes_the_same_logits(sharded):
+    found = sharded["gpt2"]
+    assert found["block_units"] == 2
+    with torch.no_grad():
+        expected = small_gpt2()(input_ids=torch.arange(12).view(2, 6)).logits
+    torch.testing.assert_close(found["logits"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_compute_over_sharded_fp32_masters_trains_at_lr_1e6_like_fp32(sharded, tmp_path):
+    """tests/test_precision.py's check under 2-rank FSDP2 (MixedPrecisionPolicy bf16 params, fp32 reduce):
+    5 steps at lr 1e-6 move > 90 % of the fp32 masters, and the updates are a single-process fp32 run's
+    within bf16 rounding."""
+    tokenizer = toy_tokenizer()
+    model = toy_model(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = GRPOTrainer(
+        model=model,
+        tokenizer=tokenizer,
+        generator=FixedGenerator(fixed_rollout(len(tokenizer))),
+        prompts=toy_prompts(4),
+        reward_fn=length_reward,
+        config=mixed_precision_config(),
+        run_dir=tmp_path,
+        ref_model=toy_model(seed=1),
+        console_log=False,
+    )
+    for _ in range(trainer.config.total_steps):
+        trainer.step()
+    found = sharded["mixed_precision"]
+    assert found["master_dtypes"] == {"torch.float32"}
+    reference = weight_updates(model, before)
+    updates = {name: value - before[name] for name, value in found["weights"].items()}
+    assert changed_fraction(updates) > 0.9
+    error = relative_error(updates, reference)
+    assert 1e-4 < error < MAX_RELATIVE_ERROR, error
 
 
 # ------------------------------------------------------------------------------ checkpoints and resume

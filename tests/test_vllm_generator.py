@@ -9,7 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import json
 import math
+import os
+import subprocess
 import sys
 
 import pytest
@@ -17,7 +20,7 @@ import torch
 
 from grpo.generation import GeneratorConfig, Rollout, SamplingConfig
 from grpo.losses import truncated_importance_weights
-from grpo.models import save_model
+from grpo.models import load_model_and_tokenizer, save_model
 from grpo.policy import batched_response_logprobs
 from grpo.run_log import read_log
 from grpo.trainer import GRPOConfig
@@ -312,3 +315,57 @@ def test_constrained_vllm_samples_obey_their_grammars_and_score_as_the_trainer_d
         model, dataclasses.replace(rollout, masks=None), micro_batch_size=8, temperature=temperature
     )
     assert (unmasked - trainer_lp)[: 2 * n][inside[: 2 * n]].abs().max() > 0.1
+
+
+# ------------------------------------------------------------------------------ beside a sharded trainer
+
+
+def torchrun(*args: str, timeout: int = 900) -> None:
+    """Run `python -m torch.distributed.run --nproc-per-node 2 ARGS` from the repository root."""
+    from tests.test_fsdp import REPO_ROOT, free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("CRYSTAL_GRPO_DATA", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-port", str(free_port()), *args]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_one_engine_serves_every_rank_of_a_sharded_trainer_and_follows_its_update(tmp_path):
+    """tests/vllm_sharded_worker.py on 2 gloo ranks: each rank gets the greedy rows of its own prompts from the
+    engine on rank 0; after one GRPO step (rollouts from that engine, weights gathered tensor by tensor and
+    synced), the engine's greedy output is the trainer's (its gathered weights decoded greedily by hand), and
+    differs from before the update."""
+    torchrun("-m", "tests.vllm_sharded_worker", str(tmp_path))
+    found = torch.load(tmp_path / "result.pt", weights_only=False)
+    ranks = found["ranks"]
+    assert [p for r in ranks for p in r["prompt_ids"]] == found["encoded"]  # every rank got its own rows
+    after = [row for r in ranks for row in r["after"]]
+    assert after == found["expected"]
+    assert after != [row for r in ranks for row in r["before"]]
+    assert found["engine_version"] == 1 and found["metrics"]["sync_bytes"] > 1e6
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_crystal_grpo_train_runs_sharded_with_the_vllm_generator(tmp_path):
+    """`torchrun --nproc-per-node 2 cli.py train --generator vllm`: the tiny model on the packaged data, both
+    ranks' rollouts from one engine beside rank 0, synced after every step; the final model loads."""
+    from tests.test_fsdp import REPO_ROOT
+
+    out = tmp_path / "run"
+    args = [str(REPO_ROOT / "cli.py"), "train", "--out", str(out), "--model", "tiny", "--reward", "validity"]
+    args += ["--generator", "vllm"]
+    for item in ("run.train_limit=40", "run.tokenizer_vocab_size=600", "grpo.total_steps=2"):
+        args += ["--set", item]
+    for item in ("grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=16", "grpo.lr=1e-3"):
+        args += ["--set", item]
+    torchrun(*args)
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["sync_bytes"] > 1e6 and r["sync_ms"] > 0 for r in records)
+    model, _ = load_model_and_tokenizer(out / "final_model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
