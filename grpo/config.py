@@ -127,7 +127,14 @@ def load_sections(
     for section, values in parse_overrides(overrides or []).items():
         if section not in sections:
             raise ConfigError(f"unknown config table {section!r} in override; known: {sorted(sections)}")
-        raw.setdefault(section, {}).update(values)
+        table = raw.setdefault(section, {})
+        for name, value in values.items():
+            field, dot, key = name.partition(".")
+            if dot:  # `reward.options.clip=5`: one entry of a table-valued field, typed as TOML would type it
+                entries = table.get(field)
+                table[field] = {**(entries if isinstance(entries, dict) else {}), key: _literal(value)}
+            else:
+                table[name] = value
     for name, values in raw.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{name} must be a table ([{name}] with key = value lines), got {values!r}")
@@ -146,7 +153,17 @@ def config_differences(saved: dict[str, Any], configs: dict[str, Any]) -> list[s
     )
 
 
+def _literal(text: str) -> Any:
+    """A command-line value as TOML reads it (5 -> int, 0.5 -> float, true -> bool); else the text itself."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

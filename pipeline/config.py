@@ -8,9 +8,9 @@ may start from another with a top-level `extends = "other.toml"`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from crystals.grammar import Constraint
 from grpo.config import ConfigError, config_differences, load_sections, read_toml, to_toml
@@ -69,6 +69,9 @@ class RewardConfig:
     # element set.
     name: str = "chgnet-etot+species"  # a registry name, a "+"-combination, or module:attr
     device: str = "cpu"
+    # options of the reward's terms (rewards.registry.resolve_reward), e.g. `options = { clip = 5.0 }` or
+    # `--set reward.options.ehull.clip=5`
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

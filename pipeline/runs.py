@@ -225,7 +225,7 @@ def build_reward_fn(reward: RewardConfig, data_dir: str | Path | None, max_atoms
     from rewards.registry import resolve_reward
 
     try:
-        resolved = resolve_reward(reward.name, data_dir=data_dir, device=reward.device)
+        resolved = resolve_reward(reward.name, data_dir=data_dir, device=reward.device, **reward.options)
     except (ValueError, KeyError, TypeError, ImportError, DataError) as err:
         raise PipelineError(f"reward {reward.name!r}: {err}") from None
     return CrystalTextReward(resolved, max_atoms=max_atoms)
