@@ -63,9 +63,16 @@ class Comparison:
     verdict: str
 
 
+# Fewer samples (or prompts, paired) than this give no verdict: a bootstrap of one or two values has an
+# interval of zero width that says nothing.
+MIN_FOR_VERDICT = 5
+
+
 def _verdict(estimate: Estimate, higher_is_better: bool) -> Comparison:
     if estimate.n == 0:
         return Comparison(estimate, "not measured")
+    if estimate.n < MIN_FOR_VERDICT:
+        return Comparison(estimate, "too few to tell")
     if estimate.low <= 0.0 <= estimate.high:
         return Comparison(estimate, "within noise")
     gained = estimate.low > 0.0 if higher_is_better else estimate.high < 0.0
