@@ -109,12 +109,18 @@ def format_structure(
 
 
 def element_order(composition: Composition) -> list[str]:
-    """The composition's element symbols by Pauling electronegativity (pymatgen's formula order; elements
-    without one, the noble gases, last), ties by atomic number: a function of the composition alone."""
+    """The composition's element symbols, fewest atoms per formula unit first, ties by Pauling
+    electronegativity (elements without one, the noble gases, last), then atomic number: a function of the
+    composition alone.
 
-    def key(element: Element) -> tuple[float, int]:
+    Fewest first because a text that groups atoms by element fixes the number of formula units Z with its
+    first group: when the rarest element comes first, that choice is "one atom of it, or two, ...", made right
+    after the lattice, and every later group's size follows (the formula grammar forces it)."""
+    reduced = composition.reduced_composition
+
+    def key(element: Element) -> tuple[float, float, int]:
         x = element.X
-        return (math.inf if math.isnan(x) else x, element.Z)
+        return (reduced[element], math.inf if math.isnan(x) else x, element.Z)
 
     return [element.symbol for element in sorted(composition.elements, key=key)]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,8 @@ def accepts_text(constraint: GrammarConstraint, spec: str, text: str, eos: int) 
 
 
 def species_in_element_order(species: list[str]) -> bool:
-    rank = {symbol: i for i, symbol in enumerate(element_order(Composition({s: 1 for s in set(species)})))}
+    """The atoms come in element_order of their own composition (fewest per formula unit first)."""
+    rank = {symbol: i for i, symbol in enumerate(element_order(Composition(Counter(species))))}
     return species == sorted(species, key=rank.__getitem__)
 
 
