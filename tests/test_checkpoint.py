@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from grpo.atomic import atomic_directory, atomic_write_text
 from grpo.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from grpo.run_log import read_log
 from tests import resume_worker
@@ -110,6 +111,32 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_can_be_retried(tmp_pa
     retried = save(tmp_path, 2, payload="whole")  # same process: its leftover temporary directory is replaced
     assert latest_checkpoint(tmp_path) == retried and payload(retried) == "whole"
     assert entries(tmp_path) == ["step-000001", "step-000002"]
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "model"
+    leftover = tmp_path / ".tmp-model-4242"  # a writer killed mid-save
+    leftover.mkdir()
+    (leftover / "config.json").write_text("")
+    with atomic_directory(final) as tmp:
+        (tmp / "weights").write_text("one")
+        assert not final.exists()  # nothing to trust until the block is done
+    assert (final / "weights").read_text() == "one" and not leftover.exists()
+    with pytest.raises(OSError, match="disk full"), atomic_directory(final) as tmp:
+        (tmp / "weights").write_text("half")
+        raise OSError("disk full")
+    assert (final / "weights").read_text() == "one"  # a failed save leaves the old directory as it was
+    with atomic_directory(final) as tmp:
+        (tmp / "other").write_text("two")
+    assert sorted(p.name for p in final.iterdir()) == ["other"]  # replaced whole, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
+
+
+def test_atomic_write_text_replaces_the_whole_file(tmp_path):
+    path = tmp_path / "log.jsonl"
+    atomic_write_text(path, "a\nb\n")
+    atomic_write_text(path, "a\n")
+    assert path.read_text() == "a\n" and sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
 
 
 def test_optimizer_scheduler_and_rng_round_trip(tmp_path):
