@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from crystals.sample import Sample
+from grpo.trainer import REWARD_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,6 @@ class CrystalTextReward:
                     exc,
                 )
                 return [pair for sample in samples for pair in self._score([sample])]
-            reason = f"reward_error:{type(exc).__name__}"
+            reason = f"{REWARD_ERROR}:{type(exc).__name__}"  # the trainer stops a run of all-failed steps
             log.warning("reward %s raised on %s: %r", self.name, samples[0].formula, exc)
             return [(self.failure_penalty, {"penalty": reason, "error": str(exc)[:500]})]
