@@ -168,7 +168,7 @@ def sample(
     with user_errors():
         configs = configs_with(sections, config, set_, run__data_dir=data_dir, **options)
         records = write_samples(configs["run"], model, configs["sample"], out, None, configs["generator"])
-    console.print(f"wrote {len(records)} samples to {out}; {parse_summary(records)}")
+    console.print(f"wrote {len(records)} samples to {out}; {parse_summary(records)}", markup=False)
 
 
 @app.command()
@@ -218,8 +218,8 @@ def evaluate(
         configs = configs_with(EVALUATE_SECTIONS, None, set_, relax__max_steps=max_steps, **options)
         evaluate_from_configs(configs, samples, out, relaxer_option or [], train_data, training_log)
     for name in ("table1.md", "table2.md"):
-        console.print((out / name).read_text())
-    console.print(f"report written to {out}")
+        console.print((out / name).read_text(), markup=False)  # "[eV/atom]" is text, not a style
+    console.print(f"report written to {out}", markup=False)
 
 
 @app.command()
@@ -279,8 +279,8 @@ def bench(
             markdown = run_benchmarks(names, quick, out, threads)
         except ValueError as err:
             raise fail(str(err)) from None
-    console.print(markdown.read_text())
-    console.print(f"results: {markdown} and {markdown.with_name('results.json')}")
+    console.print(markdown.read_text(), markup=False)
+    console.print(f"results: {markdown} and {markdown.with_name('results.json')}", markup=False)
 
 
 if __name__ == "__main__":  # `python cli.py ...`, as under torchrun

@@ -40,6 +40,7 @@ from pymatgen.core import Lattice, Structure
 from crystals import potentials
 from crystals.guard import GuardConfig, guard_structure
 from evaluation.jsonl import JsonlAppender, read_jsonl
+from grpo.config import check_fields
 
 UMA_CHECKPOINT_ENV = "CRYSTAL_GRPO_UMA_CHECKPOINT"
 _POLL_S = 0.5  # how often the pool looks at the clock for timeouts when no message arrives
@@ -53,6 +54,12 @@ class RelaxConfig:
     max_steps: int = 100
     timeout_s: float | None = 600.0
     threads: int = 1  # torch and BLAS threads while relaxing (relax_many runs one process per core)
+
+    def __post_init__(self) -> None:
+        # max_steps 0 would report the generated cells as "relaxed" (a 100 % match with themselves)
+        check_fields(self, ">= 1", lambda v: v >= 1, "max_steps", "threads")
+        check_fields(self, "> 0", lambda v: v > 0, "fmax")
+        check_fields(self, "> 0 (unset: no limit)", lambda v: v > 0, "timeout_s")
 
 
 @dataclass(frozen=True)
@@ -395,6 +402,9 @@ def relax_many(
     max_steps): mixing them would make the numbers meaningless.
     """
     get_relaxer(relaxer)  # unknown names fail here, before any process starts
+    workers = default_workers() if workers is None else workers
+    if workers < 0:  # an empty pool would wait for results forever
+        raise ValueError(f"workers must be >= 0 (0: in this process), got {workers}")
     options = json.loads(json.dumps(relaxer_options or {}, default=str))  # as the records store them
     settings = _settings(relaxer, options, config)
     items = list(items)
@@ -409,7 +419,6 @@ def relax_many(
     finished = {sid for sid, r in done.items() if r["ok"] or not retry_failed}
     # largest first: the long relaxations start early instead of leaving one worker busy at the end
     todo = sorted(((sid, s) for sid, s in items if sid not in finished), key=lambda item: -len(item[1]))
-    workers = default_workers() if workers is None else workers
     runner = (
         _run_serial(todo, relaxer, options, config, settings)
         if workers == 0

@@ -138,6 +138,10 @@ class SFTTrainer:
                 config.max_length,
             )
         self.dropped = dropped
+        if train_pairs and not self.train_items:
+            raise ValueError(
+                f"all {dropped} training pairs are longer than max_length={config.max_length} tokens"
+            )
         self.sampler = IndexSampler(
             len(self.train_items),
             config.seed,
