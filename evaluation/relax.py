@@ -40,7 +40,6 @@ from pymatgen.core import Lattice, Structure
 from crystals import potentials
 from crystals.guard import GuardConfig, guard_structure
 from evaluation.jsonl import JsonlAppender, read_jsonl
-from grpo.config import check_fields
 
 UMA_CHECKPOINT_ENV = "CRYSTAL_GRPO_UMA_CHECKPOINT"
 _POLL_S = 0.5  # how often the pool looks at the clock for timeouts when no message arrives
@@ -56,10 +55,16 @@ class RelaxConfig:
     threads: int = 1  # torch and BLAS threads while relaxing (relax_many runs one process per core)
 
     def __post_init__(self) -> None:
-        # max_steps 0 would report the generated cells as "relaxed" (a 100 % match with themselves)
-        check_fields(self, ">= 1", lambda v: v >= 1, "max_steps", "threads")
-        check_fields(self, "> 0", lambda v: v > 0, "fmax")
-        check_fields(self, "> 0 (unset: no limit)", lambda v: v > 0, "timeout_s")
+        # max_steps 0 would report the generated cells as "relaxed" (a 100 % match with themselves); NaN fails
+        rules = {
+            "max_steps": (self.max_steps >= 1, ">= 1"),
+            "threads": (self.threads >= 1, ">= 1"),
+            "fmax": (self.fmax > 0, "> 0"),
+            "timeout_s": (self.timeout_s is None or self.timeout_s > 0, "> 0 (unset: no limit)"),
+        }
+        for name, (ok, rule) in rules.items():
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

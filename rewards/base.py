@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from crystals.sample import Sample
-from grpo.trainer import REWARD_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +154,7 @@ class CrystalTextReward:
                     exc,
                 )
                 return [pair for sample in samples for pair in self._score([sample])]
-            reason = f"{REWARD_ERROR}:{type(exc).__name__}"  # the trainer stops a run of all-failed steps
+            # grpo.trainer.REWARD_ERROR's prefix: the trainer stops a run whose every sample fails for a few steps
+            reason = f"reward_error:{type(exc).__name__}"
             log.warning("reward %s raised on %s: %r", self.name, samples[0].formula, exc)
             return [(self.failure_penalty, {"penalty": reason, "error": str(exc)[:500]})]
