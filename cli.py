@@ -176,7 +176,8 @@ def sample(
         configs = configs_with(sections, config, set_, run__data_dir=data_dir, **options)
         records = write_samples(configs["run"], model, configs["sample"], out, None, configs["generator"])
     console.print(
-        f"wrote {len(records)} samples to {out}; {samples_summary(records, configs['run'].max_atoms)}"
+        f"wrote {len(records)} samples to {out}; {samples_summary(records, configs['run'].max_atoms)}",
+        markup=False,
     )
 
 
@@ -227,8 +228,8 @@ def evaluate(
         configs = configs_with(EVALUATE_SECTIONS, None, set_, relax__max_steps=max_steps, **options)
         evaluate_from_configs(configs, samples, out, relaxer_option or [], train_data, training_log)
     for name in ("table1.md", "table2.md"):
-        console.print((out / name).read_text())
-    console.print(f"report written to {out}")
+        console.print((out / name).read_text(), markup=False)  # "[eV/atom]" is text, not a style
+    console.print(f"report written to {out}", markup=False)
 
 
 @app.command()
@@ -288,8 +289,8 @@ def bench(
             markdown = run_benchmarks(names, quick, out, threads)
         except ValueError as err:
             raise fail(str(err)) from None
-    console.print(markdown.read_text())
-    console.print(f"results: {markdown} and {markdown.with_name('results.json')}")
+    console.print(markdown.read_text(), markup=False)
+    console.print(f"results: {markdown} and {markdown.with_name('results.json')}", markup=False)
 
 
 if __name__ == "__main__":  # `python cli.py ...`, as under torchrun

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pymatgen.core import Composition, Structure
+from pymatgen.core import Composition, Element, Structure
 
 from crystals.text import ParseError, format_structure, parse_structure
 
 
 def elements_of(formula: str) -> frozenset[str]:
-    """Element symbols of a formula, e.g. "Fe2O3" -> {"Fe", "O"}."""
-    return frozenset(el.symbol for el in Composition(formula).elements)
+    """Element symbols of a formula, e.g. "Fe2O3" -> {"Fe", "O"}; ValueError for anything that is not a
+    formula of real elements (a number, "Xx!!", or "Xx", which pymatgen would read as a dummy species)."""
+    try:
+        elements = Composition(formula).elements if isinstance(formula, str) else None
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"formula {formula!r} is not a chemical formula ({err})") from None
+    if not elements or not all(isinstance(el, Element) for el in elements):
+        raise ValueError(f"formula {formula!r} is not a chemical formula")
+    return frozenset(el.symbol for el in elements)
 
 
 @dataclass

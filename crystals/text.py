@@ -193,7 +193,15 @@ def _lattice(tokens: list[str]) -> Lattice:
     volume = math.prod(lengths) * math.sqrt(shape)
     if volume < MIN_VOLUME:
         raise ParseError("degenerate_lattice", f"cell volume {volume:.2e} A^3 < {MIN_VOLUME:g}")
-    return Lattice.from_parameters(*lengths, *angles)
+    # The exact check above reads the written decimals; the cell itself is built from their float roundings,
+    # which can close a cell that the decimals leave open by less than a float's resolution
+    # ("60 60 119.999999999999995" is exactly valid, yet its float angles make a flat cell): check that one too.
+    # (A flat cell would make every distance computed from it fail with LinAlgError, as `check` did.)
+    lattice = Lattice.from_parameters(*lengths, *angles)
+    built = lattice.volume
+    if not (np.isfinite(lattice.matrix).all() and built >= MIN_VOLUME):
+        raise ParseError("degenerate_lattice", f"cell volume {built:.2e} A^3 < {MIN_VOLUME:g} as built")
+    return lattice
 
 
 def _atoms(tokens: list[str], max_atoms: int) -> tuple[list[str], list[list[float]]]:
@@ -245,8 +253,8 @@ def parse_structure(text: str, *, max_atoms: int = 500) -> Structure:
 
 def read_cif(text_or_path: str | Path) -> Structure:
     """The first structure of a CIF. A ``Path``, or a one-line string, is a file name; a string with a
-    newline is CIF text. Raises ``ParseError("bad_cif")`` when pymatgen finds no structure and ``OSError``
-    when the file cannot be read."""
+    newline is CIF text. Raises ``ParseError("bad_cif")`` when pymatgen finds no structure (it refuses flat
+    cells too: a thickness check) and ``OSError`` when the file cannot be read."""
     if isinstance(text_or_path, Path) or "\n" not in text_or_path:
         text = Path(text_or_path).read_text()
     else:

@@ -54,6 +54,18 @@ class RelaxConfig:
     timeout_s: float | None = 600.0
     threads: int = 1  # torch and BLAS threads while relaxing (relax_many runs one process per core)
 
+    def __post_init__(self) -> None:
+        # max_steps 0 would report the generated cells as "relaxed" (a 100 % match with themselves); NaN fails
+        rules = {
+            "max_steps": (self.max_steps >= 1, ">= 1"),
+            "threads": (self.threads >= 1, ">= 1"),
+            "fmax": (self.fmax > 0, "> 0"),
+            "timeout_s": (self.timeout_s is None or self.timeout_s > 0, "> 0 (unset: no limit)"),
+        }
+        for name, (ok, rule) in rules.items():
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
 
 @dataclass(frozen=True)
 class Relaxation:
@@ -395,6 +407,9 @@ def relax_many(
     max_steps): mixing them would make the numbers meaningless.
     """
     get_relaxer(relaxer)  # unknown names fail here, before any process starts
+    workers = default_workers() if workers is None else workers
+    if workers < 0:  # an empty pool would wait for results forever
+        raise ValueError(f"workers must be >= 0 (0: in this process), got {workers}")
     options = json.loads(json.dumps(relaxer_options or {}, default=str))  # as the records store them
     settings = _settings(relaxer, options, config)
     items = list(items)
@@ -409,7 +424,6 @@ def relax_many(
     finished = {sid for sid, r in done.items() if r["ok"] or not retry_failed}
     # largest first: the long relaxations start early instead of leaving one worker busy at the end
     todo = sorted(((sid, s) for sid, s in items if sid not in finished), key=lambda item: -len(item[1]))
-    workers = default_workers() if workers is None else workers
     runner = (
         _run_serial(todo, relaxer, options, config, settings)
         if workers == 0

@@ -67,25 +67,33 @@ CSV_COLUMNS = (
 
 
 def load_samples(path: str | Path, max_atoms: int = MAX_ATOMS) -> tuple[list[str], list[Sample]]:
-    """(ids, parsed samples) of a samples JSONL file; raises ``ValueError`` on duplicate ids or a line
-    without ``formula``."""
+    """(ids, parsed samples) of a samples JSONL file: the one reader of samples files, for ``evaluate`` and
+    ``reward``. Raises ``ValueError`` naming the record for a line that is not an object, a ``formula`` that
+    is missing or not a chemical formula, a ``text`` or ``cif`` that is not a string, and duplicate ids."""
     ids, samples = [], []
     for number, record in enumerate(read_jsonl(path), start=1):
         if "formula" not in record:
             raise ValueError(f"{path}: record {number} has no 'formula' (the prompt formula)")
+        formula, text, cif = record["formula"], record.get("text"), record.get("cif")
+        try:
+            elements = elements_of(formula)
+        except ValueError as err:
+            raise ValueError(f"{path}: record {number}: {err}") from None
+        for key, value in (("text", text), ("cif", cif)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{path}: record {number}: {key} must be a string, got {str(value)[:40]!r}")
+        text = text or ""
         ids.append(str(record.get("id", number)))
-        formula, text = record["formula"], record.get("text", "")
         # The raw text is what the model wrote and is judged as written; a CIF is read only when there is no
         # text (CIF cannot hold overlapping sites, so re-reading one would turn an overlap into a parse error).
-        if record.get("cif") and not text:
+        if cif and not text:
             try:
-                cif = record["cif"]
                 structure = read_cif(cif if "\n" in cif else cif + "\n")  # text, never a file name
-                sample = Sample(formula, elements_of(formula), text, structure, None)
+                sample = Sample(formula, elements, text, structure, None)
             except ParseError as e:
-                sample = Sample(formula, elements_of(formula), text, None, e.reason)
+                sample = Sample(formula, elements, text, None, e.reason)
         else:
-            sample = Sample.from_text(formula, text, max_atoms=max_atoms)
+            sample = Sample.from_text(formula, text, max_atoms=max_atoms, elements=elements)
         samples.append(sample)
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: sample ids are not unique")
@@ -387,13 +395,15 @@ def evaluate_samples(
     """
     relax_config = relax_config or RelaxConfig()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in samples_paths]
     workers = default_workers() if workers is None else workers
-    hull, hull_note = load_hull(data_dir, get_relaxer(relaxer).energy_scale, cache_dir)
-    train = TrainingReference(data_dir, train_limit, cache_dir, workers=max(1, workers), progress=progress)
+    # the cheap checks first (bad samples, an unknown relaxer), before any folder is made or data read
     names = _run_names(paths)
     loaded = {name: load_samples(path) for name, path in zip(names, paths, strict=True)}
+    energy_scale = get_relaxer(relaxer).energy_scale
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hull, hull_note = load_hull(data_dir, energy_scale, cache_dir)
+    train = TrainingReference(data_dir, train_limit, cache_dir, workers=max(1, workers), progress=progress)
     # one pool for all files (one start-up, no idle workers between files); ids become "name/id"
     items = [
         (f"{name}/{sid}", sample.structure)

@@ -10,7 +10,6 @@ optimizer state to rank 0, which alone writes. So a sharded run's checkpoint loa
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from grpo.atomic import atomic_directory
 from grpo.distributed import (
     full_model_state,
     is_main,
@@ -28,6 +28,7 @@ from grpo.distributed import (
     load_optimizer_state,
     optimizer_state,
 )
+from grpo.models import write_model
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 
@@ -69,13 +70,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -97,26 +91,17 @@ def save_checkpoint(
     if not is_main():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    # Leftovers of writers killed mid-save hold up to a full checkpoint each: clear them first.
+    # Leftovers of writers killed mid-save of any step hold up to a full checkpoint each: clear them first.
     for leftover in root.glob(".tmp-step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    tmp.mkdir()
-    if sharded:
-        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)
-    else:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
-    if optim_state is not None:
-        torch.save(optim_state, tmp / "optimizer.pt")
-    if scheduler is not None:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_directory(final) as tmp:  # re-saving a step (e.g. after a resume) replaces it whole
+        write_model(model, tokenizer, tmp / "model", model_state)
+        if optim_state is not None:
+            torch.save(optim_state, tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import tomllib
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +19,16 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+def check_fields(config: Any, rule: str, ok: Callable[[Any], bool], *names: str) -> None:
+    """A config's own check (its __post_init__): ValueError "NAME must be RULE, got VALUE" for the first named
+    field whose value is not `ok` (None, an unset optional, passes; NaN fails every comparison). The loader
+    puts the table name in front ("[sft] batch_size must be >= 1, got 0")."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -124,6 +135,9 @@ def load_sections(
     unknown = sorted(set(raw) - set(sections))
     if unknown and not other_tables:
         raise ConfigError(f"unknown config table(s) {unknown}; known: {sorted(sections)}")
+    for name, values in raw.items():  # before the overrides, which update the tables
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name} must be a table ([{name}] with key = value lines), got {values!r}")
     for section, values in parse_overrides(overrides or []).items():
         if section not in sections:
             raise ConfigError(f"unknown config table {section!r} in override; known: {sorted(sections)}")
@@ -135,9 +149,6 @@ def load_sections(
                 table[field] = {**(entries if isinstance(entries, dict) else {}), key: _literal(value)}
             else:
                 table[name] = value
-    for name, values in raw.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{name} must be a table ([{name}] with key = value lines), got {values!r}")
     return {name: build_config(cls, raw.get(name), section=name) for name, cls in sections.items()}
 
 

@@ -41,7 +41,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from grpo.models import Dtype, SafetensorsCheckpoint, empty_model_and_tokenizer, local_checkpoint
+from grpo.models import Dtype, SafetensorsCheckpoint, empty_model_and_tokenizer, local_checkpoint, save_model
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -448,14 +448,12 @@ def load_sharded(
 
 
 def save_pretrained_full(model, tokenizer, path: str | Path) -> Path:
-    """`save_pretrained` of a sharded or plain model: gathered to rank 0, written there only (safetensors).
+    """`grpo.models.save_model` (atomic) of a sharded or plain model: gathered to rank 0, written there only.
     Collective: every rank must call it; the directory is complete on return on every rank."""
     state = full_model_state(model)
     path = Path(path)
     if is_main():
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(path)
+        save_model(model, tokenizer, path, state_dict=state)
     barrier()
     return path
 

@@ -38,6 +38,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from grpo.atomic import atomic_directory
+
 # tokenizer_class values meaning "tokenizer.json is the whole tokenizer" (transformers 4.x and 5.x spellings)
 _GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
@@ -347,14 +349,21 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
         return len(self._where)
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
-    """Write model (safetensors), generation config and tokenizer (with chat template) into ``path``, a
-    directory that ``load_model_and_tokenizer(path)`` reads back."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)  # safetensors is the only/default format
+def write_model(model, tokenizer, path: str | Path, state_dict: dict | None = None) -> None:
+    """Model (safetensors), generation config and tokenizer (with chat template) into directory ``path``, in
+    place: for a caller that writes into a temporary directory of its own (``save_model``, checkpoints).
+    ``state_dict``: the full weights of a sharded model (gathered by the caller), else the model's own."""
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    return path
+
+
+def save_model(model, tokenizer, path: str | Path, state_dict: dict | None = None) -> Path:
+    """Write the model and tokenizer (``write_model``) as directory ``path``, atomically: a kill mid-save
+    leaves no ``path`` at all (or the previous one), never a partial directory that would be trusted and fail
+    to load. ``load_model_and_tokenizer(path)`` reads it back."""
+    with atomic_directory(path) as tmp:
+        write_model(model, tokenizer, tmp, state_dict)
+    return Path(path)
 
 
 def _declares_generic_tokenizer(source: str) -> bool:

@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
+from grpo.atomic import atomic_write_text
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -49,7 +51,8 @@ class RunLogger:
         """Drop records past `step`: after a resume those steps are run again and must not appear twice."""
         if self.path.exists():
             kept = [r for r in read_log(self.path) if r.get("step", 0) <= step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            # atomically: a kill while the log is rewritten must not take the kept records with it
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, step: int, metrics: dict[str, Any], console_keys: tuple[str, ...] = ()) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}

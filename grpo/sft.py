@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from grpo.checkpoint import load_checkpoint, save_checkpoint
+from grpo.config import check_fields
 from grpo.optim import IndexSampler, LRSchedule, build_adamw, build_scheduler
 from grpo.precision import compute_context
 from grpo.run_log import RunLogger, step_progress
@@ -46,6 +47,16 @@ class SFTConfig:
     log_every: int = 10
     tensorboard: bool = False  # also write scalars to RUN/tensorboard (needs `pip install tensorboard`)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # a zero would divide (`step % eval_every`), an empty batch or 0 steps would "finish" doing nothing
+        positive = ("total_steps", "batch_size", "max_length", "eval_every", "checkpoint_every", "log_every")
+        check_fields(self, ">= 1", lambda v: v >= 1, *positive)
+        check_fields(self, "> 0", lambda v: v > 0, "lr", "max_grad_norm")
+        # keep_last 0 keeps every checkpoint, eval_samples 0 skips evaluation, length_group_batches 0 shuffles
+        nonnegative = ("weight_decay", "warmup_steps", "eval_samples", "keep_last", "length_group_batches")
+        check_fields(self, ">= 0", lambda v: v >= 0, *nonnegative)
+        check_fields(self, "in [0, 1]", lambda v: 0 <= v <= 1, "min_lr_ratio")
 
 
 @dataclass
@@ -131,6 +142,10 @@ class SFTTrainer:
                 config.max_length,
             )
         self.dropped = dropped
+        if train_pairs and not self.train_items:
+            raise ValueError(
+                f"all {dropped} training pairs are longer than max_length={config.max_length} tokens"
+            )
         self.sampler = IndexSampler(
             len(self.train_items),
             config.seed,

@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from grpo.advantages import AdvantageScale, group_advantages
 from grpo.checkpoint import load_checkpoint, save_checkpoint
+from grpo.config import check_fields
 from grpo.distributed import (
     gather_objects,
     gather_rows,
@@ -65,6 +66,16 @@ from grpo.run_log import RunLogger, step_progress
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[Sequence[dict], Sequence[str]], tuple[list[float], list[dict]]]
+
+# The "penalty" a sample's info carries when its reward raised ("reward_error:TypeError"), written by `_score`
+# when the whole reward call fails and by reward wrappers that score sample by sample (rewards.base); an
+# "error" key, when present, holds the message.
+REWARD_ERROR = "reward_error"
+
+
+class RewardFailedError(RuntimeError):
+    """The reward failed on every sample of `max_failed_reward_steps` steps in a row: the run is learning
+    nothing, most likely from a reward that cannot work at all (a wrong function, a missing model)."""
 
 
 @dataclass
@@ -121,6 +132,10 @@ class GRPOConfig:
     # `max_sampling_rounds` rounds (then the step trains on what it has). One process only.
     drop_zero_std_groups: bool = False
     max_sampling_rounds: int = 4
+    # A reward that fails on every sample of a step (each one a `reward_error` penalty: it raised, e.g. a
+    # `module:attr` reward pointed at the wrong function) teaches nothing; after this many such steps in a row
+    # the run stops with an error instead of finishing as if it had trained.
+    max_failed_reward_steps: int = 3
     # Bookkeeping
     seed: int = 0
     checkpoint_every: int = 50
@@ -129,24 +144,29 @@ class GRPOConfig:
     tensorboard: bool = False  # also write scalars to RUN/tensorboard (needs `pip install tensorboard`)
 
     def __post_init__(self) -> None:
-        positive = (
-            "total_steps",
-            "prompts_per_step",
-            "group_size",
-            "ppo_epochs",
-            "micro_batch_size",
-            "max_new_tokens",
+        positive = ("total_steps", "prompts_per_step", "ppo_epochs", "micro_batch_size", "max_new_tokens")
+        positive += ("checkpoint_every", "log_every", "max_sampling_rounds", "max_failed_reward_steps")
+        check_fields(self, ">= 1", lambda v: v >= 1, *positive)
+        # a group of one is its own mean: every advantage would be 0 and the run would learn nothing
+        check_fields(self, ">= 2", lambda v: v >= 2, "group_size")
+        check_fields(self, "> 0", lambda v: v > 0, "lr", "max_grad_norm")
+        # greedy groups are identical (zero advantages), and log-probs of logits / 0 are NaN
+        check_fields(self, "> 0 (GRPO samples its groups)", lambda v: v > 0, "temperature")
+        check_fields(self, "in (0, 1]", lambda v: 0 < v <= 1, "top_p")
+        nonnegative = (
+            "weight_decay",
+            "warmup_steps",
+            "kl_coef",
+            "advantage_eps",
+            "max_weight_lag",
+            "keep_last",
         )
-        positive += ("checkpoint_every", "log_every", "max_sampling_rounds")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.mini_batch_size < 0:
-            raise ValueError("GRPOConfig.mini_batch_size must be >= 0 (0: the whole step's batch)")
-        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
-            raise ValueError("clip_low must be in [0, 1) and clip_high >= 0")
-        if self.tis_cap < 0:
-            raise ValueError(f"GRPOConfig.tis_cap must be >= 0 (0: off), got {self.tis_cap}")
+        check_fields(self, ">= 0", lambda v: v >= 0, *nonnegative)
+        check_fields(self, ">= 0 (0: the whole step's batch)", lambda v: v >= 0, "mini_batch_size")
+        check_fields(self, ">= 0 (0: off)", lambda v: v >= 0, "tis_cap")
+        check_fields(self, "in [0, 1]", lambda v: 0 <= v <= 1, "min_lr_ratio")
+        check_fields(self, "in [0, 1)", lambda v: 0 <= v < 1, "clip_low", "adam_beta1", "adam_beta2")
+        check_fields(self, ">= 0", lambda v: v >= 0, "clip_high")
 
 
 def sanitize_rewards(rewards: Sequence[float]) -> tuple[torch.Tensor, int]:
@@ -222,9 +242,6 @@ class GRPOTrainer:
         policy's param_dtype for a sharded model). The generator samples as it is built to."""
         if config.kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model (or set kl_coef = 0)")
-        if config.temperature <= 0:
-            # greedy groups are identical (zero advantages), and log-probs of logits / 0 are NaN
-            raise ValueError(f"GRPO samples its groups: temperature must be > 0, got {config.temperature}")
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
         self.ref_model = ref_model if config.kl_coef > 0 else None
         self.prompts, self.reward_fn, self.config = list(prompts), reward_fn, config
@@ -249,6 +266,8 @@ class GRPOTrainer:
         self.sampler = IndexSampler(len(self.prompts), config.seed)
         self.step_count = 0
         self.weight_version = 0
+        self.failed_reward_steps = 0  # steps in a row on which the reward failed on every sample
+        self.last_reward_error: str | None = None  # this rank's last reward failure, for the error message
         self.optimizer = build_adamw(
             model,
             lr=config.lr,
@@ -274,6 +293,7 @@ class GRPOTrainer:
         return {
             "sampler": self.sampler.state(),
             "weight_version": self.weight_version,
+            "failed_reward_steps": self.failed_reward_steps,
             "config": asdict(self.config),
         }
 
@@ -296,6 +316,7 @@ class GRPOTrainer:
         )
         self.step_count = loaded.step
         self.weight_version = loaded.state["weight_version"]
+        self.failed_reward_steps = loaded.state.get("failed_reward_steps", 0)  # absent: an older checkpoint
         self.generator.weight_version = self.weight_version
         self.sampler.load_state(loaded.state["sampler"])
         if is_main():
@@ -314,6 +335,10 @@ class GRPOTrainer:
         if self.config.drop_zero_std_groups:
             rollout, local_rewards, infos, refill = self._refill(rollout, local_rewards, infos, timings)
             sampling |= refill
+        self.last_reward_error = next(
+            (i.get("error") or i["penalty"] for i in infos if str(i.get("penalty")).startswith(REWARD_ERROR)),
+            None,
+        )
         with _timed(timings, "reward"):
             rewards, nonfinite, advantages = self._advantages(local_rewards)
         with _timed(timings, "logprob"):
@@ -400,12 +425,10 @@ class GRPOTrainer:
             if len(rewards) != len(texts):
                 raise ValueError(f"reward returned {len(rewards)} values for {len(texts)} samples")
             rewards = [float(r) for r in rewards]  # None or a string fails here, inside the guard
-        except Exception as err:  # noqa: BLE001 - a reward failure must never kill a training run
+        except Exception as err:  # noqa: BLE001 - one failing call must not kill a run (a run of them does)
             log.exception("reward function failed on the whole batch; this step gets zero advantages")
-            rewards, infos = (
-                [float("nan")] * len(texts),
-                [{"penalty": f"reward_error: {type(err).__name__}"}] * len(texts),
-            )
+            info = {"penalty": f"{REWARD_ERROR}:{type(err).__name__}", "error": str(err)[:500]}
+            rewards, infos = [float("nan")] * len(texts), [info] * len(texts)
         return rewards, list(infos)
 
     def _advantages(self, local_rewards: list[float]) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -571,12 +594,14 @@ class GRPOTrainer:
         tokens = sum_over_ranks(float(rollout.prompt_mask.sum() + rollout.response_mask.sum()))
         all_infos = gather_objects(infos)
         penalties = Counter(info.get("penalty") for info in all_infos if info.get("penalty"))
+        failed = sum(n for reason, n in penalties.items() if reason.startswith(REWARD_ERROR))
         return {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std(unbiased=False).item(),
             "reward_min": rewards.min().item(),
             "reward_max": rewards.max().item(),
             "valid_fraction": 1.0 - sum(penalties.values()) / (rollout.num_samples * self.world),
+            "failed_reward_fraction": failed / (rollout.num_samples * self.world),  # the reward raised
             "nonfinite_rewards": nonfinite,
             "response_length": response_lengths.mean().item(),
             # share of response tokens the constraint forced (left out of the loss)
@@ -596,8 +621,23 @@ class GRPOTrainer:
         }
 
     # -- the run ---------------------------------------------------------------------------------------------
+    def _count_failed_reward(self, metrics: dict[str, Any]) -> None:
+        """Count the steps in a row whose every sample's reward failed (the metrics are the same on every rank,
+        so every rank stops together); stop at `max_failed_reward_steps`."""
+        failed_all = metrics["failed_reward_fraction"] == 1.0
+        self.failed_reward_steps = self.failed_reward_steps + 1 if failed_all else 0
+        if self.failed_reward_steps >= self.config.max_failed_reward_steps:
+            raise RewardFailedError(
+                f"the reward failed on every sample of {self.failed_reward_steps} steps in a row (steps "
+                f"{self.step_count - self.failed_reward_steps + 1}-{self.step_count}; "
+                f"grpo.max_failed_reward_steps = {self.config.max_failed_reward_steps}), last error: "
+                f"{self.last_reward_error}; check the reward"
+            )
+
     def train(self, *, progress: bool = True) -> list[dict[str, Any]]:
-        """Run until `total_steps`, checkpointing every `checkpoint_every` steps and at the end."""
+        """Run until `total_steps`, checkpointing every `checkpoint_every` steps and at the end. Raises
+        RewardFailedError (after logging the step) when the reward failed on every sample of
+        `max_failed_reward_steps` steps in a row; the checkpoints before them are kept."""
         cfg = self.config
         history = []
         with step_progress("GRPO", disable=not (progress and is_main())) as bar:
@@ -613,6 +653,7 @@ class GRPOTrainer:
                         else ()
                     )
                     self.logger.log(self.step_count, metrics, console_keys=keys)
+                self._count_failed_reward(metrics)
                 if self.step_count % cfg.checkpoint_every == 0 or last:
                     self.save()  # every rank takes part in gathering the state; rank 0 writes
                 bar.update(task, completed=self.step_count)

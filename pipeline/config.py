@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from crystals.grammar import Constraint
-from grpo.config import ConfigError, config_differences, load_sections, read_toml, to_toml
-from grpo.models import Dtype
+from grpo.atomic import atomic_write_text
+from grpo.config import ConfigError, check_fields, config_differences, load_sections, read_toml, to_toml
+from grpo.models import CHATML_SPECIAL_TOKENS, Dtype
 from grpo.precision import ComputeDtype
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -59,8 +60,10 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_atoms < 1:
-            raise ValueError(f"run.max_atoms must be >= 1, got {self.max_atoms}")
+        check_fields(self, ">= 1", lambda v: v >= 1, "max_atoms", "train_limit")
+        # the byte alphabet and the special tokens come first; train_bpe_tokenizer refuses less
+        smallest = 256 + len(CHATML_SPECIAL_TOKENS)
+        check_fields(self, f">= {smallest}", lambda v: v >= smallest, "tokenizer_vocab_size")
 
 
 @dataclass
@@ -86,11 +89,8 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_formulas", "samples_per_formula", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"sample.temperature must be >= 0 (0: greedy), got {self.temperature}")
+        check_fields(self, ">= 1", lambda v: v >= 1, "num_formulas", "samples_per_formula", "max_new_tokens")
+        check_fields(self, ">= 0 (0: greedy)", lambda v: v >= 0, "temperature")
 
 
 @dataclass
@@ -100,6 +100,10 @@ class EvaluateConfig:
     relaxer: str = "chgnet"  # chgnet, sevenn or uma
     train_limit: int | None = None  # novelty against the first N training structures only (None: all)
     workers: int | None = None  # relaxation processes (None: one per core; 0: in this process)
+
+    def __post_init__(self) -> None:
+        check_fields(self, ">= 1 (unset: all)", lambda v: v >= 1, "train_limit")
+        check_fields(self, ">= 0 (0: in this process)", lambda v: v >= 0, "workers")
 
 
 def key_values(items: list[str], option: str) -> dict[str, str]:
@@ -166,7 +170,4 @@ def refuse_changed_settings(run_dir: Path, configs: dict, resume: bool) -> None:
 
 def save_resolved_config(run_dir: Path, configs: dict) -> None:
     """RUN/config.toml: every setting of the run, written atomically (resume compares against it)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.toml.tmp"
-    tmp.write_text(to_toml(configs))
-    tmp.replace(run_dir / "config.toml")
+    atomic_write_text(run_dir / "config.toml", to_toml(configs))

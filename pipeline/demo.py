@@ -13,8 +13,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.markup import escape
+
 from crystals.data import resolve_data_dir, split_formulas
 from evaluation.relax import RelaxConfig
+from grpo.atomic import atomic_write_text
 from grpo.generation import GeneratorConfig
 from grpo.sft import SFTConfig
 from grpo.trainer import GRPOConfig
@@ -64,9 +67,7 @@ class StageLog:
 
     def finish(self, stage: str, seconds: float) -> None:
         self.stages[stage] = {"done": True, "seconds": round(seconds, 1)}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.stages, indent=2))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps(self.stages, indent=2))
 
     def run(self, stage: str, work: Callable[[], object]) -> None:
         """Do `work` unless the stage is finished; record its time."""
@@ -95,7 +96,7 @@ def run_demo(out: Path, configs: dict) -> StageLog:
     save_resolved_config(out, configs)
     stages = StageLog(out / "stages.json")
     sft_dir, grpo_dir, samples_dir = out / "sft", out / "grpo", out / "samples"
-    console.print(f"[bold]crystal-grpo demo[/bold] -> {out} (data: {data_path})")
+    console.print(f"[bold]crystal-grpo demo[/bold] -> {escape(str(out))} (data: {escape(str(data_path))})")
 
     stages.run("model", lambda: initial_model_source(run, sft_dir))
     stages.run("sft", lambda: run_sft(run, configs["sft"], sft_dir))
@@ -145,10 +146,11 @@ def print_demo_report(out: Path, stages: StageLog) -> None:
     report = out / "report"
     for name in ("table1.md", "table2.md", "extra.md"):
         if (report / name).exists():
-            console.print((report / name).read_text())
+            console.print((report / name).read_text(), markup=False)  # "[eV/atom]" is text, not a style
     console.print(stage_table(stages.stages, DEMO_STAGES))
     console.print(
-        f"report: {report}  (metrics.json, table1.md, table2.md, plots, CIFs of metastable candidates)"
+        f"report: {report}  (metrics.json, table1.md, table2.md, plots, CIFs of metastable candidates)",
+        markup=False,
     )
     if all((report / arm / "rows.jsonl").is_file() for arm in ARMS):
         lines = verdicts(report)

@@ -124,7 +124,7 @@ def run_arm(out: Path, name: str, configs: dict) -> Path:
     formulas = split_formulas(sample.split, run.data_dir, seed=sample.seed, limit=count)
     path = out / "samples" / f"{name}.jsonl"
     records = write_samples(run, model, sample, path, formulas, configs["generator"])
-    console.print(f"{name}: {samples_summary(records, run.max_atoms)}")
+    console.print(f"{name}: {samples_summary(records, run.max_atoms)}", markup=False)
     return path
 
 
@@ -183,4 +183,4 @@ def write_report(out: Path, shared: dict, arms: dict[str, dict], names: list[str
     report = reproduction_report(out, shared, arms, names)
     (out / "report" / "reproduction.md").write_text(report["markdown"])
     (out / "report" / "reproduction.json").write_text(json.dumps(report["json"], indent=2))
-    console.print(report["markdown"])
+    console.print(report["markdown"], markup=False)

@@ -9,6 +9,7 @@ was.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from rich.console import Console
 from crystals.data import iter_split, split_formulas
 from crystals.grammar import SEPARATORS, structure_grammar
 from crystals.prompts import CrystalPrompt, PromptBuilder, parse_formula
+from crystals.sample import Sample
 from crystals.text import (
     ParseError,
     canonical_structure,
@@ -27,7 +29,8 @@ from crystals.text import (
     write_cif,
 )
 from evaluation.relax import RelaxConfig
-from grpo.checkpoint import latest_checkpoint
+from grpo.atomic import atomic_write_text
+from grpo.checkpoint import checkpoint_dir, latest_checkpoint
 from grpo.distributed import (
     barrier,
     is_main,
@@ -47,7 +50,7 @@ from grpo.models import (
 )
 from grpo.precision import COMPUTE_DTYPES, PrecisionError, check_master_weights
 from grpo.sft import SFTConfig, SFTTrainer
-from grpo.trainer import GRPOConfig, GRPOTrainer, PromptItem
+from grpo.trainer import GRPOConfig, GRPOTrainer, PromptItem, RewardFailedError
 from pipeline.config import (
     EvaluateConfig,
     PipelineError,
@@ -126,14 +129,20 @@ def crystal_prompt_items(
 
 # -- models --------------------------------------------------------------------------------------------------
 def initial_model_source(
-    run: RunConfig, run_dir: Path, train_pairs: list[tuple[str, str]] | None = None
+    run: RunConfig,
+    run_dir: Path,
+    train_pairs: list[tuple[str, str]] | None = None,
+    rebuild: bool = False,
 ) -> str:
     """Path or name of the run's starting model. A size name builds a fresh small Qwen2 with a BPE tokenizer
-    trained on crystal text and the prompt, saved once under run_dir/initial_model (a resumed run reuses it)."""
+    trained on crystal text and the prompt, saved once under run_dir/initial_model (a resumed run reuses it;
+    `rebuild` replaces one that may come from other settings, see rebuild_initial_model).
+    save_model writes it atomically, so a directory that is there is whole: a run killed while saving it
+    leaves none (only a temporary directory, cleared by the next save) and the rerun builds it again."""
     if run.model not in MODEL_SIZES or Path(run.model).exists():
         return run.model
     initial = run_dir / "initial_model"
-    if not (initial / "config.json").exists():
+    if rebuild or not initial.is_dir():
         pairs = train_pairs if train_pairs is not None else load_crystal_texts(run, "train", run.train_limit)
         builder = prompt_builder(run, [t for _, t in pairs])
         corpus = [t for _, t in pairs] + [builder.build(f).user_text for f, _ in pairs[:500]]
@@ -145,6 +154,32 @@ def initial_model_source(
         )
         save_model(build_small_model(run.model, tokenizer, seed=run.seed), tokenizer, initial)
     return str(initial)
+
+
+def check_model_path(path: str | Path) -> None:
+    """A PipelineError at once for a path that is plainly meant as a local model but holds none (HF would
+    answer with a hub error, or a tokenizer's). A hub name ("org/model") or a size name is not judged."""
+    local = Path(path).expanduser()
+    if local.suffix == ".gguf":
+        problem = None if local.is_file() else "no such file or directory"
+    elif local.is_file():
+        problem = "a file, not a model directory (give the folder a model was saved to)"
+    elif local.is_dir():
+        problem = None if (local / "config.json").is_file() else "no config.json in it: not a saved model"
+    elif local.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") > 1:
+        problem = "no such file or directory"
+    else:
+        problem = None
+    if problem is not None:
+        raise PipelineError(f"cannot load model {str(path)!r}: {problem}")
+
+
+def rebuild_initial_model(out: Path, resume: bool, record: dict | None) -> bool:
+    """Whether RUN/initial_model must be built again, not reused: a run started over (--no-resume) may have
+    other settings, and so may one whose settings were never recorded (an attempt that failed or was killed
+    before RUN/config.toml was written, which refuse_changed_settings would compare against). `record`: the
+    configs the caller records (None: the caller, the demo, guards the settings itself)."""
+    return not resume or (record is not None and not (out / "config.toml").is_file())
 
 
 def run_device(run: RunConfig) -> torch.device:
@@ -168,6 +203,7 @@ def load_model(
     model that cannot be loaded is a PipelineError naming it. `sharded` (torchrun): FSDP2-sharded as it loads
     (grpo.distributed.load_sharded), in the run's compute dtype (bf16 mixed precision) and a frozen one
     (`trainable=False`) offloaded to host memory on GPUs."""
+    check_model_path(path)
     device = run_device(run)
     dtype = dtype or run.dtype
     checkpointing = trainable and run.gradient_checkpointing
@@ -238,13 +274,16 @@ def train_and_save(trainer, checkpoint: Path | None, out: Path, label: str, prog
     if checkpoint is not None:
         trainer.restore(checkpoint)
         if is_main():
-            console.print(f"resumed from {checkpoint} (step {trainer.step_count})")
+            console.print(f"resumed from {checkpoint} (step {trainer.step_count})", markup=False)
     elif is_main():
-        trainer.logger.truncate_after(0)  # a fresh start: records of an abandoned earlier run must not mix in
+        # A fresh start: the records and checkpoints of an abandoned earlier run must not mix in (a later
+        # resume would continue from its newest checkpoint, under this run's config.toml).
+        trainer.logger.truncate_after(0)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     trainer.train(progress=progress)
     final = save_pretrained_full(trainer.model, trainer.tokenizer, out / "final_model")
     if is_main():
-        console.print(f"{label} done: {trainer.step_count} steps; model saved to {final}")
+        console.print(f"{label} done: {trainer.step_count} steps; model saved to {final}", markup=False)
     return final
 
 
@@ -262,20 +301,24 @@ def run_sft(
     run_device(run)  # an unavailable device fails before anything is written
     checkpoint = latest_to_resume(out, resume)
     train_pairs = load_crystal_texts(run, "train", run.train_limit)
-    policy, tokenizer = load_policy(run, initial_model_source(run, out, train_pairs), checkpoint)
+    val_pairs = load_crystal_texts(run, "val", sft.eval_samples)  # the data first: it writes nothing
+    source = initial_model_source(run, out, train_pairs, rebuild_initial_model(out, resume, record))
+    policy, tokenizer = load_policy(run, source, checkpoint)
     check_precision(policy, sft.lr)
-    val_pairs = load_crystal_texts(run, "val", sft.eval_samples)
     builder = prompt_builder(run, [t for _, t in train_pairs])
-    trainer = SFTTrainer(
-        model=policy,
-        tokenizer=tokenizer,
-        train_pairs=[(builder.build(f).to_text(tokenizer), t) for f, t in train_pairs],
-        eval_pairs=[(builder.build(f).to_text(tokenizer), t) for f, t in val_pairs],
-        config=sft,
-        run_dir=out,
-        console_log=progress,
-        compute_dtype=COMPUTE_DTYPES[run.compute_dtype],
-    )
+    try:
+        trainer = SFTTrainer(
+            model=policy,
+            tokenizer=tokenizer,
+            train_pairs=[(builder.build(f).to_text(tokenizer), t) for f, t in train_pairs],
+            eval_pairs=[(builder.build(f).to_text(tokenizer), t) for f, t in val_pairs],
+            config=sft,
+            run_dir=out,
+            console_log=progress,
+            compute_dtype=COMPUTE_DTYPES[run.compute_dtype],
+        )
+    except ValueError as err:  # settings that do not fit the data (e.g. every pair over sft.max_length)
+        raise PipelineError(f"sft: {err}") from None
     if record is not None:
         save_resolved_config(out, record)
     return train_and_save(trainer, checkpoint, out, "SFT", progress)
@@ -301,35 +344,40 @@ def run_grpo(
     device = run_device(run)  # an unavailable device fails before anything is written
     with process_group(on=device) as sharded:  # LaunchError: accelerate launch with FSDP on CPU
         checkpoint = latest_to_resume(out, resume)
+        formulas = split_formulas("train", run.data_dir, seed=run.seed, limit=run.train_limit)
         if is_main():  # builds RUN/initial_model once for a size name; the other ranks then read it
-            initial_model_source(run, out)
+            initial_model_source(run, out, rebuild=rebuild_initial_model(out, resume, record))
         barrier()
         source = initial_model_source(run, out)
         policy, tokenizer = load_policy(run, source, checkpoint, sharded)
         check_precision(policy, grpo.lr)
-        formulas = split_formulas("train", run.data_dir, seed=run.seed, limit=run.train_limit)
         ref_model = load_reference(run, source, sharded) if grpo.kl_coef > 0 else None
         prompts = crystal_prompt_items(run, formulas, tokenizer, prompt_builder(run))
-        if record is not None and is_main():
-            save_resolved_config(out, record)
         try:
             generator = build_generator(generator_config, policy, tokenizer, out / "vllm_weights")
         except ImportError as err:
             raise PipelineError(str(err)) from None
-        trainer = GRPOTrainer(
-            model=policy,
-            tokenizer=tokenizer,
-            generator=generator,
-            prompts=prompts,
-            reward_fn=reward_fn,
-            config=grpo,
-            run_dir=out,
-            ref_model=ref_model,
-            console_log=progress,
-            compute_dtype=COMPUTE_DTYPES[run.compute_dtype],
-        )
         try:
+            try:
+                trainer = GRPOTrainer(
+                    model=policy,
+                    tokenizer=tokenizer,
+                    generator=generator,
+                    prompts=prompts,
+                    reward_fn=reward_fn,
+                    config=grpo,
+                    run_dir=out,
+                    ref_model=ref_model,
+                    console_log=progress,
+                    compute_dtype=COMPUTE_DTYPES[run.compute_dtype],
+                )
+            except ValueError as err:  # settings that do not fit this launch (e.g. the number of ranks)
+                raise PipelineError(f"grpo: {err}") from None
+            if record is not None and is_main():
+                save_resolved_config(out, record)
             return train_and_save(trainer, checkpoint, out, "GRPO", progress)
+        except RewardFailedError as err:
+            raise PipelineError(str(err)) from None
         finally:
             if hasattr(generator, "close"):
                 generator.close()
@@ -356,6 +404,7 @@ def train_from_configs(configs: dict, out: Path, resume: bool) -> Path:
     """`crystal-grpo train`: GRPO with the TRAIN_SECTIONS configs into `out`."""
     refuse_changed_settings(out, configs, resume)
     run = configs["run"]
+    check_model_path(run.model)  # in a moment, not after the reward's potential has loaded
     reward_fn = build_reward_fn(configs["reward"], run.data_dir, run.max_atoms)
     return run_grpo(run, configs["grpo"], configs["generator"], reward_fn, out, resume=resume, record=configs)
 
@@ -467,10 +516,7 @@ def write_samples(
     finally:
         if hasattr(generator, "close"):
             generator.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(out)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
@@ -513,36 +559,40 @@ def check_files(files: Sequence[Path], max_atoms: int) -> tuple[list[tuple], lis
     return rows, problems
 
 
-def read_samples(path: Path) -> list[tuple[str | None, str]]:
-    """(prompt formula or None, structure text) from a JSONL of samples, a CIF or a bulk-text file."""
+def read_samples(path: Path, max_atoms: int) -> list[Sample]:
+    """The samples of a structure file for `reward`: a samples JSONL through evaluation.report.load_samples
+    (the reader `evaluate` uses: `text`, or `cif` when there is no text), a CIF, or a bulk-text file; a CIF's
+    or text's prompt formula is its own. Text is parsed as in training (more than `max_atoms` atoms is a
+    parse error)."""
+    from evaluation.report import load_samples
+
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [(row.get("formula"), row.get("text") or "") for row in rows]
+        return load_samples(path, max_atoms)[1]
     text = path.read_text()
     if path.suffix.lower() == ".cif" or "_cell_length_a" in text:
-        return [(None, format_structure(read_cif(text)))]
-    return [(None, text)]
+        return [Sample.from_structure(read_cif(text))]
+    try:
+        formula = parse_structure(text).composition.reduced_formula
+    except ParseError as err:  # no formula to prompt with: a parse error whatever the prompt
+        return [Sample("-", frozenset(), text, None, err.reason)]
+    return [Sample.from_text(formula, text, max_atoms)]
 
 
 def score_files(files: Sequence[Path], reward_fn) -> list[tuple[str, str, float, str]]:
-    """(sample name, formula, reward, penalty) of every structure in `files` (text, CIF or samples JSONL)."""
-    metas, texts, names = [], [], []
+    """(sample name, formula, reward, penalty) of every structure in `files` (text, CIF or samples JSONL);
+    `reward_fn` is a rewards.base.CrystalTextReward."""
+    samples, names = [], []
     for path in files:
         try:
-            rows = read_samples(path)
-        except (OSError, ValueError, ParseError) as err:
+            found = read_samples(path, reward_fn.max_atoms)
+        except (OSError, ParseError) as err:
             raise PipelineError(f"cannot read {path}: {err}") from None
-        for i, (formula, text) in enumerate(rows):
-            if formula is None:
-                try:
-                    formula = parse_structure(text).composition.reduced_formula
-                except ParseError:
-                    formula = "H"  # unparseable text: scored as a parse error whatever the prompt
-            metas.append({"formula": formula})
-            texts.append(text)
-            names.append(f"{path.name}#{i}" if len(rows) > 1 else path.name)
-    rewards, infos = reward_fn(metas, texts)
+        except ValueError as err:  # a bad samples line: load_samples names the file and the record
+            raise PipelineError(str(err)) from None
+        samples += found
+        names += [f"{path.name}#{i}" if len(found) > 1 else path.name for i in range(len(found))]
+    rewards, infos = reward_fn.score_samples(samples)
     return [
-        (name, meta["formula"], value, str(info.get("penalty") or ""))
-        for name, meta, value, info in zip(names, metas, rewards, infos, strict=True)
+        (name, sample.formula, value, str(info.get("penalty") or ""))
+        for name, sample, value, info in zip(names, samples, rewards, infos, strict=True)
     ]

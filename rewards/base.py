@@ -154,6 +154,7 @@ class CrystalTextReward:
                     exc,
                 )
                 return [pair for sample in samples for pair in self._score([sample])]
+            # grpo.trainer.REWARD_ERROR's prefix: the trainer stops a run whose every sample fails for a few steps
             reason = f"reward_error:{type(exc).__name__}"
             log.warning("reward %s raised on %s: %r", self.name, samples[0].formula, exc)
             return [(self.failure_penalty, {"penalty": reason, "error": str(exc)[:500]})]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from grpo.atomic import atomic_directory, atomic_write_text
 from grpo.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from grpo.run_log import read_log
 from tests import resume_worker
@@ -110,6 +111,32 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_can_be_retried(tmp_pa
     retried = save(tmp_path, 2, payload="whole")  # same process: its leftover temporary directory is replaced
     assert latest_checkpoint(tmp_path) == retried and payload(retried) == "whole"
     assert entries(tmp_path) == ["step-000001", "step-000002"]
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "model"
+    leftover = tmp_path / ".tmp-model-4242"  # a writer killed mid-save
+    leftover.mkdir()
+    (leftover / "config.json").write_text("")
+    with atomic_directory(final) as tmp:
+        (tmp / "weights").write_text("one")
+        assert not final.exists()  # nothing to trust until the block is done
+    assert (final / "weights").read_text() == "one" and not leftover.exists()
+    with pytest.raises(OSError, match="disk full"), atomic_directory(final) as tmp:
+        (tmp / "weights").write_text("half")
+        raise OSError("disk full")
+    assert (final / "weights").read_text() == "one"  # a failed save leaves the old directory as it was
+    with atomic_directory(final) as tmp:
+        (tmp / "other").write_text("two")
+    assert sorted(p.name for p in final.iterdir()) == ["other"]  # replaced whole, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
+
+
+def test_atomic_write_text_replaces_the_whole_file(tmp_path):
+    path = tmp_path / "log.jsonl"
+    atomic_write_text(path, "a\nb\n")
+    atomic_write_text(path, "a\n")
+    assert path.read_text() == "a\n" and sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
 
 
 def test_optimizer_scheduler_and_rng_round_trip(tmp_path):
@@ -221,3 +248,63 @@ def test_grpo_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     for name, value in weights_a.items():
         torch.testing.assert_close(weights_b[name], value, atol=1e-5, rtol=0)
     assert any(not torch.equal(step_3[k], weights_a[k]) for k in weights_a)  # the last step did train
+
+
+TINY_SFT = ["--model", "tiny"] + [
+    word
+    for item in (
+        "run.train_limit=40",
+        "run.tokenizer_vocab_size=600",
+        "sft.total_steps=2",
+        "sft.batch_size=2",
+        "sft.log_every=1",
+    )
+    for word in ("--set", item)
+]
+
+
+def test_sft_killed_while_saving_its_first_model_rebuilds_it_on_the_rerun(tmp_path, monkeypatch):
+    """SIGKILL during the save of RUN/initial_model (weights written, tokenizer not yet): the rerun must not
+    trust a half-written model folder but build it again and train to the end."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from grpo.models import load_model_and_tokenizer
+
+    monkeypatch.delenv("CRYSTAL_GRPO_DATA", raising=False)
+    run, sentinel = tmp_path / "run", tmp_path / "stalled"
+    env = {k: v for k, v in os.environ.items() if k != "CRYSTAL_GRPO_DATA"} | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tests.stalled_save", str(sentinel), "sft", "--out", str(run), *TINY_SFT]
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not sentinel.exists():
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the first model save never started"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    half = [p for p in run.iterdir() if p.name != "initial_model" and (p / "model.safetensors").is_file()]
+    assert len(half) == 1 and not (half[0] / "tokenizer.json").exists()  # weights without a tokenizer
+    assert not (run / "initial_model").exists()  # what a rerun would trust is not there
+    assert not (run / "config.toml").exists()  # nothing of the run is recorded before its model is whole
+
+    result = CliRunner().invoke(app, ["sft", "--out", str(run), *TINY_SFT])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # the leftover is gone
+    load_model_and_tokenizer(run / "initial_model", dtype="float32")  # whole: it loads
+    assert [r["step"] for r in read_log(run / "sft_log.jsonl")] == [1, 2]
+    assert (run / "final_model" / "tokenizer.json").is_file()
+
+    # Started over with other settings: nothing of the first run may stay to be resumed from later.
+    built = (run / "initial_model" / "model.safetensors").stat().st_mtime_ns
+    again = CliRunner().invoke(
+        app, ["sft", "--out", str(run), "--no-resume", *TINY_SFT, "--set", "sft.total_steps=1"]
+    )
+    assert again.exit_code == 0, again.output
+    assert [r["step"] for r in read_log(run / "sft_log.jsonl")] == [1]
+    assert [p.name for p in list_checkpoints(run)] == ["step-000001"]  # step-000002 of the first run is gone
+    assert (run / "initial_model" / "model.safetensors").stat().st_mtime_ns != built  # built for this run

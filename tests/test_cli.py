@@ -189,6 +189,7 @@ def test_evaluate_writes_tables_and_metrics(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     for name in ("metrics.json", "table1.md", "table2.md"):
         assert (out / name).is_file()
+    assert "E_hull [eV/atom]" in result.output  # printed as text: rich markup would eat the brackets
     run = json.loads((out / "metrics.json").read_text())["runs"]["samples"]
     assert run["parse_rate"] == pytest.approx(3 / 4)
     assert run["table1"]["n_relaxed"] == 3

@@ -8,6 +8,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from crystals.sample import Sample
+from grpo.trainer import REWARD_ERROR
 from rewards.base import CrystalTextReward, FunctionReward, RewardOutput
 from rewards.penalties import Penalties, PenaltyConfig, PenaltyReward, make_penalties
 from tests.reward_structures import rocksalt, text_of
@@ -127,6 +128,7 @@ def test_adapter_isolates_exceptions_and_nonfinite_rewards_per_sample(caplog):
     assert [i["penalty"] for i in infos] == [None, "nonfinite_reward", "reward_error:RuntimeError"]
     assert reward.counts == {"nonfinite_reward": 1, "reward_error:RuntimeError": 1}
     assert "no structure" in infos[2]["error"]
+    assert infos[2]["penalty"].startswith(f"{REWARD_ERROR}:")  # what the trainer counts as a failed sample
     assert any("retrying one by one" in r.message for r in caplog.records)
     reward(metas[:1], ["garbage"])
     assert reward.counts["reward_error:RuntimeError"] == 2  # counts accumulate over calls

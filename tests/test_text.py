@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Element, Lattice, Structure
 
+from benchmarks.fuzz_parser import GENERATORS, check_parse
 from crystals.text import (
     MAX_ABS_COORD,
     PARSE_REASONS,
@@ -150,6 +151,10 @@ MALFORMED = [
     ("1000 1000 1000 120 120 120 Li 0 0 0", "degenerate_lattice"),
     ("305 429.6 150.6 3 2 5 Li 0 0 0", "degenerate_lattice"),
     ("349 352.7 201.2 2.6 1.3 3.9 Li 0 0 0", "degenerate_lattice"),
+    # The other way round: the written decimals close a cell (60 + 60 > 119.99...), their float roundings
+    # (119.999999999999995 is 120.0 as a float) build a flat one of volume 0.0.
+    ("100 100 100 60 60 119.999999999999995 Li 0 0 0", "degenerate_lattice"),
+    ("10 294 202 122.319999999999999130863 99.882 137.798 Cl 0.4 0.5 0.9", "degenerate_lattice"),
     ("5 5 5 90 90 90", "no_atoms"),
     ("<|im_start|>assistant\n5 5 5 90 90 90<|im_end|>", "no_atoms"),
     (CUBIC + "Xx 0 0 0", "unknown_element"),
@@ -203,16 +208,10 @@ def test_parse_non_string_raises_parse_error(not_text):
 
 
 def assert_parse_contract(text: str, max_atoms: int = 20) -> None:
-    """parse_structure either raises ParseError with a listed reason or returns a sane Structure."""
-    try:
-        s = parse_structure(text, max_atoms=max_atoms)
-    except ParseError as e:
-        assert e.reason in PARSE_REASONS
-        return
-    assert isinstance(s, Structure)
-    assert 1 <= len(s) <= max_atoms
-    assert np.all((s.frac_coords >= 0) & (s.frac_coords < 1))
-    assert np.isfinite(s.lattice.matrix).all() and s.volume > 0
+    """parse_structure either raises ParseError with a listed reason or returns a sane Structure (at least
+    MIN_VOLUME, invertible; see benchmarks.fuzz_parser.check_parse, which the million-input run uses)."""
+    _, violation = check_parse(text, max_atoms)
+    assert violation is None, violation
 
 
 NUMBERS = st.one_of(
@@ -237,6 +236,14 @@ def test_fuzz_arbitrary_unicode(text):
 def test_fuzz_token_soup(tokens, sep):
     assert_parse_contract(sep.join(tokens))
     assert_parse_contract(CUBIC + sep.join(tokens))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.randoms(use_true_random=False), st.sampled_from(sorted(GENERATORS)))
+def test_fuzz_long_digit_and_near_flat_cells(rng, generator):
+    """The million-input script's generators (benchmarks/fuzz_parser.py), a few hundred inputs here: cells
+    within a float's resolution of not existing, numbers of up to 38 digits."""
+    assert_parse_contract(GENERATORS[generator][0](rng))
 
 
 @settings(max_examples=200, deadline=None)
@@ -329,6 +336,10 @@ def test_read_cif_rejects_garbage(tmp_path):
     assert e.value.reason == "bad_cif"
     with pytest.raises(OSError):
         read_cif(tmp_path / "missing.cif")
+    flat = Structure(Lattice.from_parameters(5, 5, 5, 60, 60, 120), ["Li"], [[0, 0, 0]])  # volume 0
+    with pytest.raises(ParseError) as e:  # pymatgen's own thickness check: no LinAlgError later
+        read_cif(write_cif(flat))
+    assert e.value.reason == "bad_cif"
 
 
 # --- MP-20 round trip ---------------------------------------------------------------------------------------

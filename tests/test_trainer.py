@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
+from grpo.checkpoint import latest_checkpoint
 from grpo.generation import HFGenerator, Rollout
 from grpo.run_log import read_log
-from grpo.trainer import GRPOConfig, GRPOTrainer, micro_batch_weight, sanitize_rewards
+from grpo.trainer import GRPOConfig, GRPOTrainer, RewardFailedError, micro_batch_weight, sanitize_rewards
 from tests.toy import digit_reward, toy_model, toy_prompts, toy_tokenizer
 
 PROMPTS, GROUP = 2, 8  # 16 samples per step
@@ -136,12 +137,51 @@ def test_a_failing_reward_costs_the_step_its_signal_not_the_run(tmp_path, reward
     trainer = make_trainer(tmp_path, reward_fn=reward_fn, weight_decay=0.0)
     before = {k: p.detach().clone() for k, p in trainer.model.named_parameters()}
     metrics = trainer.step()
-    assert metrics[f"penalty/reward_error: {error}"] == 16
+    assert metrics[f"penalty/reward_error:{error}"] == 16 and metrics["failed_reward_fraction"] == 1.0
     assert metrics["valid_fraction"] == 0.0 and metrics["reward_std"] == 0.0
     assert metrics["grad_norm"] == 0.0  # zero advantages: no policy gradient
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param, before[name]), name
     assert trainer.step_count == 1
+
+
+def per_sample_failures(metas, texts):
+    """What a per-sample reward wrapper (rewards.base) returns when every sample raised: finite penalties."""
+    info = {"penalty": "reward_error:TypeError", "error": "getcwd() takes no arguments (1 given)"}
+    return [-0.1] * len(texts), [info] * len(texts)
+
+
+def test_a_reward_that_fails_on_every_sample_stops_the_run_after_a_few_steps(tmp_path):
+    settings = dict(reward_fn=per_sample_failures, total_steps=4, max_failed_reward_steps=2)
+    trainer = make_trainer(tmp_path, checkpoint_every=1, **settings)
+    with pytest.raises(RewardFailedError, match=r"every sample of 2 steps in a row \(steps 1-2.*getcwd\(\)"):
+        trainer.train(progress=False)
+    assert [r["step"] for r in read_log(tmp_path / "train_log.jsonl")] == [1, 2]
+    assert all(r["failed_reward_fraction"] == 1.0 for r in read_log(tmp_path / "train_log.jsonl"))
+    # the step that stopped the run is not checkpointed; the count before it is, so a resume stops alike
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    resumed = make_trainer(tmp_path, **settings)
+    resumed.restore(latest_checkpoint(tmp_path))
+    with pytest.raises(RewardFailedError, match="steps 1-2"):
+        resumed.train(progress=False)
+
+
+def test_only_failures_in_a_row_stop_a_run(tmp_path):
+    calls = []
+
+    def fails_every_other_step(metas, texts):
+        calls.append(len(texts))
+        if len(calls) % 2:
+            raise ConnectionError("potential server away")
+        return index_reward(metas, texts)
+
+    trainer = make_trainer(
+        tmp_path, reward_fn=fails_every_other_step, total_steps=4, max_failed_reward_steps=2
+    )
+    trainer.train(progress=False)
+    assert trainer.step_count == 4
+    fractions = [r["failed_reward_fraction"] for r in read_log(tmp_path / "train_log.jsonl")]
+    assert fractions == [1.0, 0.0, 1.0, 0.0]
 
 
 # ------------------------------------------------------------------------------ micro-batches
@@ -202,9 +242,19 @@ def test_kl_is_zero_against_an_identical_reference_then_grows(tmp_path):
     assert second["kl"] > 1e-5  # the policy moved away from the frozen reference
 
 
-def test_zero_temperature_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="temperature"):
-        make_trainer(tmp_path, temperature=0.0)
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"group_size": 1}, "group_size must be >= 2"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"lr": float("nan")}, "lr must be > 0"),
+        ({"max_failed_reward_steps": 0}, "max_failed_reward_steps must be >= 1"),
+    ],
+)
+def test_settings_that_cannot_train_are_rejected(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, **setting)
 
 
 def test_stale_rollouts_are_refused(tmp_path):
