@@ -24,7 +24,7 @@ class FixedGenerator:
         self.rollout, self.stale_by = rollout, stale_by
         self.weight_version = 0
 
-    def generate(self, prompts, n, sampling) -> Rollout:
+    def generate(self, prompts, n, sampling, constraints=None) -> Rollout:
         assert len(prompts) * n == self.rollout.num_samples
         return dataclasses.replace(self.rollout, weight_version=self.weight_version - self.stale_by)
 
