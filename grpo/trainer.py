@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -110,6 +110,11 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1024
+    # "bfloat16": the model's forward passes (HF sampling, log-probs, the update's forward) run under
+    # torch.autocast in bf16 while weights, gradients and AdamW state stay in the model's dtype (float32
+    # master weights, as TRL's bf16=True). On CPUs with AMX, bf16 GEMM is several times fp32's (measure:
+    # benchmarks/common.py gemm_rate). "model": every op in the model's own dtype.
+    compute_dtype: Literal["model", "bfloat16"] = "model"
     # Rollouts older than this many weight updates are refused (0: strictly on-policy)
     max_weight_lag: int = 0
     # Truncated importance sampling: when the generator returns its own log-probs (vLLM), weight each token's
@@ -336,7 +341,10 @@ class GRPOTrainer:
         constraints = [p.constraint for p in batch]
         if all(spec is None for spec in constraints):
             constraints = None
-        rollout = self.generator.generate([p.text for p in batch], cfg.group_size, self.sampling, constraints)
+        with self._autocast():  # only a generator that runs the policy itself (HF) computes in it
+            rollout = self.generator.generate(
+                [p.text for p in batch], cfg.group_size, self.sampling, constraints
+            )
         lag = self.weight_version - rollout.weight_version
         if lag > cfg.max_weight_lag:
             raise RuntimeError(f"rollout is {lag} weight versions old (max_weight_lag={cfg.max_weight_lag})")
@@ -417,6 +425,13 @@ class GRPOTrainer:
         n = len(local_rewards)
         return rewards, nonfinite, advantages[self.rank * n : (self.rank + 1) * n].float()
 
+    def _autocast(self) -> torch.autocast:
+        """The context `compute_dtype` asks for (disabled for "model")."""
+        device = next(self.model.parameters()).device
+        return torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=self.config.compute_dtype == "bfloat16"
+        )
+
     def _mini_batch_size(self, rollout: Rollout) -> int:
         """Samples per optimizer step, over all ranks."""
         return self.config.mini_batch_size or rollout.num_samples * self.world
@@ -427,9 +442,10 @@ class GRPOTrainer:
         cfg = self.config
 
         def logprobs(model) -> torch.Tensor:
-            return batched_response_logprobs(
-                model, rollout, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature
-            )
+            with self._autocast():
+                return batched_response_logprobs(
+                    model, rollout, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature
+                )
 
         # One epoch over one mini-batch is exactly on-policy: the old log-probs equal the current ones at the
         # start of the update, so take them (detached) from the update's own forward pass and skip a pass.
@@ -469,16 +485,18 @@ class GRPOTrainer:
                 for micro_start in range(0, len(mini), cfg.micro_batch_size):
                     rows = mini[micro_start : micro_start + cfg.micro_batch_size]
                     mask = loss_mask[rows].to(device)
-                    logprobs, entropy = response_logprobs(
-                        self.model,
-                        rollout.prompt_ids[rows],
-                        rollout.prompt_mask[rows],
-                        rollout.response_ids[rows],
-                        rollout.response_mask[rows],
-                        temperature=cfg.temperature,
-                        with_entropy=True,
-                        masks=rollout.masks.rows(rows) if rollout.masks is not None else None,
-                    )
+                    with self._autocast():  # the forward only: autograd runs backward in the forward's dtypes
+                        logprobs, entropy = response_logprobs(
+                            self.model,
+                            rollout.prompt_ids[rows],
+                            rollout.prompt_mask[rows],
+                            rollout.response_ids[rows],
+                            rollout.response_mask[rows],
+                            temperature=cfg.temperature,
+                            with_entropy=True,  # logged every step
+                            entropy_grad=cfg.entropy_coef != 0,  # a graph only when the loss uses it
+                            masks=rollout.masks.rows(rows) if rollout.masks is not None else None,
+                        )
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[rows].to(device)
                     tis = None
                     if cfg.tis_cap > 0 and rollout.logprobs is not None:

@@ -281,3 +281,12 @@ def test_greedy_rollout_scores_its_tokens_as_the_most_likely(model, tokenizer):
         response = real_tokens(rollout, row)
         best = manual_log_softmax(model, prompt, response).amax(-1)
         torch.testing.assert_close(logprobs[row, : len(response)].double(), best, atol=2e-5, rtol=1e-5)
+
+
+def test_entropy_for_the_log_only_has_no_graph_and_the_same_value(model, tokenizer):
+    batch = left_padded_batch(tokenizer, [([5, 6, 7], [8, 9]), ([10], [11, 12])])
+    trained = copy.deepcopy(model).train()
+    logprobs, with_graph = response_logprobs(trained, *batch, with_entropy=True)
+    _, for_log = response_logprobs(trained, *batch, with_entropy=True, entropy_grad=False)
+    assert logprobs.requires_grad and with_graph.requires_grad and not for_log.requires_grad
+    torch.testing.assert_close(for_log, with_graph.detach())
