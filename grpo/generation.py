@@ -15,7 +15,13 @@ from typing import Literal, Protocol
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
-from grpo.constraint import ConstraintLogitsProcessor, GrammarConstraint, TokenMasks, concat_masks
+from grpo.constraint import (
+    ConstraintLogitsProcessor,
+    GrammarConstraint,
+    TokenMasks,
+    concat_masks,
+    min_length_masks,
+)
 
 
 @dataclass
@@ -23,7 +29,17 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    # no stop token before this many tokens (0: none); the rollout then carries masks without the stop tokens
+    # there, so the trainer scores the distribution that sampled. Not with a constraint: its grammar decides
+    # where a response may end.
+    min_new_tokens: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+            )
 
 
 @dataclass
@@ -134,6 +150,21 @@ def output_vocab_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
+def check_min_length(sampling: SamplingConfig, constraints: Sequence[str | None] | None) -> None:
+    """A minimum length and a constraint together are refused: the grammar decides where a response may end."""
+    if sampling.min_new_tokens and constraints is not None and any(s is not None for s in constraints):
+        raise ValueError("min_new_tokens with a constraint: the grammar decides where a response may end")
+
+
+def length_masks(
+    sampling: SamplingConfig, rows: int, length: int, stop_token_ids: Sequence[int], vocab_size: int
+) -> TokenMasks | None:
+    """The masks a sampler's minimum length imposed on `rows` responses of `length` tokens (None without one)."""
+    if not sampling.min_new_tokens:
+        return None
+    return min_length_masks(rows, length, sampling.min_new_tokens, stop_token_ids, vocab_size)
+
+
 def response_mask_from_eos(
     response_ids: torch.Tensor, eos_token_ids: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,6 +234,7 @@ class HFGenerator:
         # row r belongs to prompt r // n
         row_specs = [spec for spec in constraints for _ in range(n)] if constraints is not None else None
         constrained = row_specs is not None and any(spec is not None for spec in row_specs)
+        check_min_length(sampling, constraints)
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -232,6 +264,7 @@ class HFGenerator:
                         attention_mask=mask,
                         **mode,
                         max_new_tokens=sampling.max_new_tokens,
+                        min_new_tokens=sampling.min_new_tokens or None,
                         eos_token_id=self.eos_token_ids,
                         pad_token_id=tokenizer.pad_token_id,
                         use_cache=True,
@@ -254,6 +287,11 @@ class HFGenerator:
         )
         response_mask, truncated = response_mask_from_eos(response_ids, self.eos_token_ids)
         response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+        if constrained:
+            masks = concat_masks(chunk_masks, width)
+        else:
+            vocab = output_vocab_size(self.model)
+            masks = length_masks(sampling, len(response_ids), width, self.eos_token_ids, vocab)
         return Rollout(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -261,7 +299,7 @@ class HFGenerator:
             response_mask=response_mask,
             truncated=truncated,
             weight_version=self.weight_version,
-            masks=concat_masks(chunk_masks, width) if constrained else None,
+            masks=masks,
         )
 
 

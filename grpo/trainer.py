@@ -110,6 +110,9 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1024
+    # No end-of-sequence before this many tokens (0: off); the log-probs are then those of the sampler, which
+    # could not stop there. max_new_tokens as well: every response has the same length (a fixed-work benchmark).
+    min_new_tokens: int = 0
     # "bfloat16": the model's forward passes (HF sampling, log-probs, the update's forward) run under
     # torch.autocast in bf16 while weights, gradients and AdamW state stay in the model's dtype (float32
     # master weights, as TRL's bf16=True). On CPUs with AMX, bf16 GEMM is several times fp32's (measure:
@@ -265,6 +268,7 @@ class GRPOTrainer:
             temperature=config.temperature,
             top_p=config.top_p,
             max_new_tokens=config.max_new_tokens,
+            min_new_tokens=config.min_new_tokens,
             seed=config.seed,
         )
 

@@ -51,7 +51,14 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from grpo.constraint import GrammarConstraint
-from grpo.generation import GeneratorConfig, Rollout, SamplingConfig, response_mask_from_eos
+from grpo.generation import (
+    GeneratorConfig,
+    Rollout,
+    SamplingConfig,
+    check_min_length,
+    length_masks,
+    response_mask_from_eos,
+)
 
 INSTALL_HINT = (
     "the vLLM generator needs the `vllm` extra: pip install -e '.[vllm]' "
@@ -152,6 +159,7 @@ def _sampling_params(
         temperature=0.0 if greedy else sampling.temperature,
         top_p=1.0 if greedy else sampling.top_p,
         max_tokens=sampling.max_new_tokens,
+        min_tokens=sampling.min_new_tokens,  # no stop token before (as HF's min_new_tokens)
         seed=seed,  # vLLM seeds the n samples of a request with seed, seed + 1, ...
         stop_token_ids=stop_ids,
         logprobs=0,  # the sampled token's log-probability only
@@ -240,8 +248,16 @@ class _EngineRollouts:
     def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return encode_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens)
 
+    def _vocab_size(self) -> int:
+        return AutoConfig.from_pretrained(self.model_path).vocab_size
+
     def _rollout(
-        self, prompt_ids: list[list[int]], samples, n: int, constraints: Sequence[str | None] | None
+        self,
+        prompt_ids: list[list[int]],
+        samples,
+        n: int,
+        sampling: SamplingConfig,
+        constraints: Sequence[str | None] | None,
     ) -> Rollout:
         rollout = build_rollout(
             prompt_ids,
@@ -253,10 +269,12 @@ class _EngineRollouts:
         )
         if constraints is not None and any(spec is not None for spec in constraints):
             if self._constraint is None:
-                vocab_size = AutoConfig.from_pretrained(self.model_path).vocab_size
-                self._constraint = GrammarConstraint(self.tokenizer, vocab_size, self.eos_token_ids)
+                self._constraint = GrammarConstraint(self.tokenizer, self._vocab_size(), self.eos_token_ids)
             row_specs = [spec for spec in constraints for _ in range(n)]
             rollout.masks = self._constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
+        elif sampling.min_new_tokens:
+            rows, length = rollout.response_ids.shape
+            rollout.masks = length_masks(sampling, rows, length, self.eos_token_ids, self._vocab_size())
         return rollout
 
 
@@ -309,13 +327,14 @@ class VLLMGenerator(_EngineRollouts):
         sampling: SamplingConfig,
         constraints: Sequence[str | None] | None = None,
     ) -> Rollout:
+        check_min_length(sampling, constraints)
         prompt_ids = self._encode(prompts)
         self._wake()
         try:
             samples = _sample(self.llm, prompt_ids, n, sampling, self.eos_token_ids, constraints)
         finally:
             self._sleep()
-        return self._rollout(prompt_ids, samples, n, constraints)
+        return self._rollout(prompt_ids, samples, n, sampling, constraints)
 
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module, version: int) -> None:
@@ -512,9 +531,10 @@ class VLLMServerGenerator(_EngineRollouts):
         sampling: SamplingConfig,
         constraints: Sequence[str | None] | None = None,
     ) -> Rollout:
+        check_min_length(sampling, constraints)
         prompt_ids = self._encode(prompts)
         request = (prompt_ids, n, asdict(sampling), self.eos_token_ids, constraints)
-        return self._rollout(prompt_ids, self._request("generate", request), n, constraints)
+        return self._rollout(prompt_ids, self._request("generate", request), n, sampling, constraints)
 
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module, version: int) -> None:

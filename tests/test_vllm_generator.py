@@ -218,6 +218,21 @@ def test_after_a_sync_vllm_matches_the_trainer_model(mode, request):
 
 @needs_vllm
 @pytest.mark.slow
+def test_min_new_tokens_in_vllm_defers_eos_and_its_logprobs_are_the_masked_ones(colocated):
+    """min_tokens in vLLM: no response ends before it, the rollout carries the masks without EOS there, and
+    the trainer's masked log-probs equal vLLM's processed ones."""
+    model = toy_model(seed=0).eval()
+    colocated.load_weights(model, version=0)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10, min_new_tokens=10, seed=3)
+    rollout = colocated.generate([p.text for p in toy_prompts(2)], 4, sampling)
+    eos = toy_tokenizer().eos_token_id
+    assert rollout.response_mask.sum(1).eq(10).all() and not rollout.masks.allowed()[..., eos].any()
+    trainer_lp = batched_response_logprobs(model, rollout, micro_batch_size=8)
+    torch.testing.assert_close(rollout.logprobs, trainer_lp, atol=LOGPROB_ATOL, rtol=0)
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_grpo_with_the_vllm_generator_learns_the_toy_reward(colocated, tmp_path):
     """The trainer's learning test (tests/test_trainer.py) with rollouts from vLLM, synced after every update,
     and truncated importance sampling on. (The server mode's sync is the same reload, checked above.)"""
