@@ -60,7 +60,12 @@ class GeneratorConfig:
     gpu_memory_utilization: float = 0.3  # colocated on a GPU, the trainer needs the rest
     cpu_kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
     sleep_mode: bool | None = None  # None: on when CUDA is available (vLLM's CPU worker has no sleep mode)
-    bucket_mb: float = 64.0  # vllm-server: size of one broadcast bucket
+    # vllm-server: how a sync reaches the worker. "shared_memory": the trainer copies its weights into one
+    # flat buffer per dtype that both processes map (allocated once), the worker reloads from views of it;
+    # "broadcast": buckets over the private process group (gloo on CPU, NCCL on GPU); "auto": shared memory
+    # on CPU (same host, same memory), broadcast on GPU.
+    sync_transport: Literal["auto", "shared_memory", "broadcast"] = "auto"
+    bucket_mb: float = 64.0  # vllm-server, broadcast: size of one bucket
     worker_timeout_s: float = 600.0  # vllm-server: longest wait for the worker (start, a generate, a sync)
 
     def __post_init__(self) -> None:
