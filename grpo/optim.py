@@ -9,13 +9,18 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from grpo.precision import check_master_weights
+
 LRSchedule = Literal["constant", "cosine"]  # after the warmup; the SFT and GRPO configs' field type
 
 
 def build_adamw(
     model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
 ) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm weights and biases are not decayed)."""
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed). Its moments take the
+    parameters' dtype, so the weights must be float32 masters at a fine-tuning lr (PrecisionError otherwise,
+    see grpo.precision)."""
+    check_master_weights(model, lr)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:

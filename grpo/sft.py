@@ -17,6 +17,7 @@ import torch
 
 from grpo.checkpoint import load_checkpoint, save_checkpoint
 from grpo.optim import IndexSampler, LRSchedule, build_adamw, build_scheduler
+from grpo.precision import compute_context
 from grpo.run_log import RunLogger, step_progress
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,10 @@ class SFTTrainer:
         config: SFTConfig,
         run_dir: str | Path,
         console_log: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
     ):
+        """`compute_dtype`: what the forward passes multiply in (bfloat16 over float32 masters: autocast, see
+        grpo.precision)."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.run_dir = Path(run_dir)
         self.train_items, dropped = tokenize_pairs(tokenizer, train_pairs, config.max_length)
@@ -135,6 +139,7 @@ class SFTTrainer:
         )
         self.optimizer = build_adamw(model, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config)
+        self.compute = compute_context(model, compute_dtype)
         self.logger = RunLogger(
             self.run_dir / "sft_log.jsonl",
             tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard else None,
@@ -172,7 +177,8 @@ class SFTTrainer:
             batch = collate(
                 self.eval_items[start : start + self.config.batch_size], self.tokenizer.pad_token_id
             )
-            nll, n = response_nll(self.model, batch)
+            with self.compute():
+                nll, n = response_nll(self.model, batch)
             total, count = total + nll.item(), count + n
         self.model.train()
         return total / max(1, count)
@@ -182,7 +188,8 @@ class SFTTrainer:
         self.model.train()
         items = [self.train_items[i] for i in self.sampler.take(self.config.batch_size)]
         batch = collate(items, self.tokenizer.pad_token_id)
-        nll, n = response_nll(self.model, batch)
+        with self.compute():
+            nll, n = response_nll(self.model, batch)
         loss = nll / max(1, n)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

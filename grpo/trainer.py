@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -59,6 +59,7 @@ from grpo.losses import (
 )
 from grpo.optim import IndexSampler, LRSchedule, build_adamw, build_scheduler
 from grpo.policy import batched_response_logprobs, response_logprobs
+from grpo.precision import compute_context
 from grpo.run_log import RunLogger, step_progress
 
 log = logging.getLogger(__name__)
@@ -113,11 +114,6 @@ class GRPOConfig:
     # No end-of-sequence before this many tokens (0: off); the log-probs are then those of the sampler, which
     # could not stop there. max_new_tokens as well: every response has the same length (a fixed-work benchmark).
     min_new_tokens: int = 0
-    # "bfloat16": the model's forward passes (HF sampling, log-probs, the update's forward) run under
-    # torch.autocast in bf16 while weights, gradients and AdamW state stay in the model's dtype (float32
-    # master weights, as TRL's bf16=True). On CPUs with AMX, bf16 GEMM is several times fp32's (measure:
-    # benchmarks/common.py gemm_rate). "model": every op in the model's own dtype.
-    compute_dtype: Literal["model", "bfloat16"] = "model"
     # Rollouts older than this many weight updates are refused (0: strictly on-policy)
     max_weight_lag: int = 0
     # Truncated importance sampling: when the generator returns its own log-probs (vLLM), weight each token's
@@ -222,7 +218,11 @@ class GRPOTrainer:
         run_dir: str | Path,
         ref_model=None,
         console_log: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
     ):
+        """`compute_dtype`: what the trainer's forward passes (old, reference and update log-probs) multiply in;
+        bfloat16 with float32 masters is mixed precision (grpo.precision: autocast in one process, the FSDP
+        policy's param_dtype for a sharded model). The generator samples as it is built to."""
         if config.kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model (or set kl_coef = 0)")
         if config.temperature <= 0:
@@ -259,6 +259,7 @@ class GRPOTrainer:
             betas=(config.adam_beta1, config.adam_beta2),
         )
         self.scheduler = build_scheduler(self.optimizer, config)
+        self.compute = compute_context(model, compute_dtype)
         self.logger = RunLogger(
             self.run_dir / "train_log.jsonl",
             tensorboard_dir=self.run_dir / "tensorboard" if config.tensorboard and is_main() else None,
@@ -345,10 +346,7 @@ class GRPOTrainer:
         constraints = [p.constraint for p in batch]
         if all(spec is None for spec in constraints):
             constraints = None
-        with self._autocast():  # only a generator that runs the policy itself (HF) computes in it
-            rollout = self.generator.generate(
-                [p.text for p in batch], cfg.group_size, self.sampling, constraints
-            )
+        rollout = self.generator.generate([p.text for p in batch], cfg.group_size, self.sampling, constraints)
         lag = self.weight_version - rollout.weight_version
         if lag > cfg.max_weight_lag:
             raise RuntimeError(f"rollout is {lag} weight versions old (max_weight_lag={cfg.max_weight_lag})")
@@ -429,13 +427,6 @@ class GRPOTrainer:
         n = len(local_rewards)
         return rewards, nonfinite, advantages[self.rank * n : (self.rank + 1) * n].float()
 
-    def _autocast(self) -> torch.autocast:
-        """The context `compute_dtype` asks for (disabled for "model")."""
-        device = next(self.model.parameters()).device
-        return torch.autocast(
-            device.type, dtype=torch.bfloat16, enabled=self.config.compute_dtype == "bfloat16"
-        )
-
     def _mini_batch_size(self, rollout: Rollout) -> int:
         """Samples per optimizer step, over all ranks."""
         return self.config.mini_batch_size or rollout.num_samples * self.world
@@ -446,7 +437,7 @@ class GRPOTrainer:
         cfg = self.config
 
         def logprobs(model) -> torch.Tensor:
-            with self._autocast():
+            with self.compute():
                 return batched_response_logprobs(
                     model, rollout, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature
                 )
@@ -489,7 +480,7 @@ class GRPOTrainer:
                 for micro_start in range(0, len(mini), cfg.micro_batch_size):
                     rows = mini[micro_start : micro_start + cfg.micro_batch_size]
                     mask = loss_mask[rows].to(device)
-                    with self._autocast():  # the forward only: autograd runs backward in the forward's dtypes
+                    with self.compute():  # the forward only: the loss after it is float32 math (grpo.losses)
                         logprobs, entropy = response_logprobs(
                             self.model,
                             rollout.prompt_ids[rows],

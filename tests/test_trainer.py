@@ -55,7 +55,14 @@ def index_reward(metas, texts):
 
 
 def make_trainer(
-    tmp_path, *, model=None, reward_fn=index_reward, ref_model=None, generator=None, **overrides
+    tmp_path,
+    *,
+    model=None,
+    reward_fn=index_reward,
+    ref_model=None,
+    generator=None,
+    compute_dtype=torch.float32,
+    **overrides,
 ):
     tokenizer = toy_tokenizer()
     model = model if model is not None else toy_model(seed=0)
@@ -80,6 +87,7 @@ def make_trainer(
         run_dir=tmp_path,
         ref_model=ref_model,
         console_log=False,
+        compute_dtype=compute_dtype,
     )
 
 
