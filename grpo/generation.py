@@ -22,6 +22,7 @@ from grpo.constraint import (
     concat_masks,
     min_length_masks,
 )
+from grpo.precision import compute_context
 
 
 @dataclass
@@ -192,7 +193,10 @@ class HFGenerator:
         batch_size: int = 64,
         max_prompt_tokens: int = 1024,
         synced_gpus: bool = False,
+        compute_dtype: torch.dtype = torch.float32,
     ):
+        """`compute_dtype`: what sampling multiplies in (bfloat16 over float32 weights: autocast around the whole
+        generate call, grpo.precision), as the trainer's log-prob passes should, so both see one policy."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -205,6 +209,7 @@ class HFGenerator:
         eos = tokenizer.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
         self._constraint: GrammarConstraint | None = None
+        self.compute = compute_context(model, compute_dtype)
 
     def constraint(self) -> GrammarConstraint:
         """The grammar compiler for this tokenizer and model (built on first use)."""
@@ -255,7 +260,7 @@ class HFGenerator:
         model_defaults, self.model.generation_config = self.model.generation_config, GenerationConfig()
         try:
             # A private RNG stream per call keeps sampling reproducible without disturbing the global state.
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), self.compute():
                 torch.manual_seed(sampling.seed)
                 for start in range(0, prompt_ids.shape[0], self.batch_size):
                     ids = prompt_ids[start : start + self.batch_size].to(device)

@@ -324,3 +324,20 @@ def test_entropy_for_the_log_only_has_no_graph_and_the_same_value(model, tokeniz
     _, for_log = response_logprobs(trained, *batch, with_entropy=True, entropy_grad=False)
     assert logprobs.requires_grad and with_graph.requires_grad and not for_log.requires_grad
     torch.testing.assert_close(for_log, with_graph.detach())
+
+
+def test_bfloat16_compute_samples_in_bfloat16_over_float32_weights(model, tokenizer):
+    dtypes = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, i, out: dtypes.append(out.dtype)
+    )
+    try:
+        generator = HFGenerator(model, tokenizer, compute_dtype=torch.bfloat16)
+        rollout = generator.generate(
+            [toy_prompts(1)[0].text], 2, SamplingConfig(max_new_tokens=3, min_new_tokens=3)
+        )
+    finally:
+        handle.remove()
+    assert rollout.response_mask.sum() == 6 and set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.is_autocast_enabled("cpu")  # the context ends with the call
