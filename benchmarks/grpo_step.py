@@ -23,7 +23,9 @@ loss:
                                            gradient_accumulation_steps = 1, num_iterations = 1
     temperature 1, top_p 1, no top-k       temperature 1, top_p 1, top_k 0
     min_new_tokens (fixed length)          generation_kwargs={"min_new_tokens": ...}
-    compute_dtype="bfloat16" (bf16)        bf16=True (both: autocast, float32 master weights)
+    compute_dtype=bfloat16 (bf16)          bf16=True (both: autocast, float32 master weights; ours around
+                                           each whole pass and the whole HF generate call, TRL's accelerate
+                                           around each forward call); our vLLM engine runs in bf16
 
 Known differences that remain: TRL's group std is Bessel-corrected with eps 1e-4, ours is the population std
 (paper eq. 2) with eps 1e-6; ours clamps the per-token k3 KL to [-10, 10]; the sampled responses differ
@@ -35,6 +37,9 @@ round runs one step of each side, in an order that rotates from round to round (
 after another, or first after a pause); TRL's steps come from its own train() loop, ours run from its step
 callbacks. After ``warmup`` untimed rounds come ``repeats`` repeats of ``steps`` rounds. A pairing's ratio
 (ours / TRL) is taken per repeat; its spread over the repeats is reported, and a spread that crosses 1 is a tie.
+Beside each step's wall time, its CPU time (time.process_time: every thread of this process, the colocated
+vLLM engine included): on a machine shared with other jobs the wall time swings with their load, the CPU time
+much less, though it does not count a side's waiting nor reward a side that uses both cores better.
 
 Anchors: the update phase's achieved FLOP/s, counted as 6 x parameters x tokens (real prompt + response tokens,
 forward and backward), as a share of this machine's GEMM rate in the variant's dtype, measured in the same
@@ -96,7 +101,7 @@ class StepBenchConfig:
     sides: tuple[str, ...] = SIDES
     warmup: int = 1  # untimed rounds before the first repeat
     repeats: int = 3
-    steps: int = 1  # rounds per repeat
+    steps: int = 2  # rounds per repeat
     seed: int = 0
     # Peak memory of ours-hf and trl-hf alone, each in a fresh process, one step of the first variant (in one
     # process the heap the first trainer grew is reused by the next, so per-side memory there is not comparable)
@@ -113,6 +118,7 @@ QUICK = StepBenchConfig(
     sides=("ours-hf", "ours-vllm", "trl-hf"),
     warmup=0,
     repeats=2,
+    steps=1,
     isolated_memory=False,
 )
 
@@ -161,11 +167,10 @@ def our_trainer(
         top_p=1.0,
         max_new_tokens=cfg.max_new_tokens,
         min_new_tokens=cfg.max_new_tokens if length == "fixed" else 0,
-        compute_dtype="bfloat16" if dtype == "bfloat16" else "model",
         seed=cfg.seed,
     )
     if generator_kind == "hf":
-        generator = HFGenerator(model, task.tokenizer, batch_size=samples)
+        generator = HFGenerator(model, task.tokenizer, batch_size=samples, compute_dtype=DTYPES[dtype])
     else:
         from grpo.vllm_generator import VLLMGenerator
 
@@ -180,6 +185,7 @@ def our_trainer(
         run_dir=run_dir,
         ref_model=ref,
         console_log=False,
+        compute_dtype=DTYPES[dtype],
     )
 
 
@@ -299,11 +305,14 @@ def changed_weights(model: torch.nn.Module, reference: dict[str, torch.Tensor]) 
 
 
 def our_step(trainer: GRPOTrainer) -> dict:
+    cpu = time.process_time()
     with PeakRSS() as rss:
         metrics = trainer.step()
+    cpu = time.process_time() - cpu
     samples = trainer.config.prompts_per_step * trainer.config.group_size
     return {
         "step_s": metrics["time_step"],
+        "cpu_s": cpu,
         **{f"{k}_s": metrics[f"time_{k}"] for k in PHASES},
         "tokens": metrics["tokens_per_s"] * metrics["time_step"],
         "response_tokens": metrics["response_length"] * samples,
@@ -313,10 +322,11 @@ def our_step(trainer: GRPOTrainer) -> dict:
     }
 
 
-def trl_step(bench: Counter, step_s: float, rss: PeakRSS) -> dict:
+def trl_step(bench: Counter, step_s: float, cpu_s: float, rss: PeakRSS) -> dict:
     samples = max(1, bench["samples"])
     return {
         "step_s": step_s,
+        "cpu_s": cpu_s,
         "generate_s": bench["generate"],
         "reward_s": bench["reward"],
         # generate-and-score minus generation and reward: tokenising, reference log-probs
@@ -384,7 +394,7 @@ def run_variant(cfg: StepBenchConfig, variant: str) -> dict:
                 backward, optimizer), then runs the round's sides after it."""
 
                 rss: PeakRSS | None = None
-                start = 0.0
+                start = cpu = 0.0
                 round = 0
 
                 def order(self) -> tuple[list[str], list[str]]:
@@ -400,12 +410,12 @@ def run_variant(cfg: StepBenchConfig, variant: str) -> dict:
                     run_ours(self.order()[0])
                     trainer.bench.clear()
                     self.rss = PeakRSS().__enter__()
-                    self.start = time.perf_counter()
+                    self.start, self.cpu = time.perf_counter(), time.process_time()
 
                 def on_step_end(self, args, state, control, **kwargs):
-                    step_s = time.perf_counter() - self.start
+                    step_s, cpu_s = time.perf_counter() - self.start, time.process_time() - self.cpu
                     self.rss.__exit__(None, None, None)
-                    steps["trl-hf"].append(trl_step(trainer.bench, step_s, self.rss))
+                    steps["trl-hf"].append(trl_step(trainer.bench, step_s, cpu_s, self.rss))
                     run_ours(self.order()[1])
                     self.round += 1
 
@@ -495,7 +505,7 @@ def pairing(ours: list[dict], trl: list[dict], cfg: StepBenchConfig) -> dict:
         for r in records:
             r["s_per_response_token"] = r["step_s"] / r["response_tokens"]
     out = {}
-    for key in ("step_s", *(f"{p}_s" for p in PHASES if p != "sync"), "s_per_response_token"):
+    for key in ("step_s", "cpu_s", *(f"{p}_s" for p in PHASES if p != "sync"), "s_per_response_token"):
         theirs = repeat_means(trl, key, cfg)
         if all(t > 0 for t in theirs):
             out[key] = spread([a / b for a, b in zip(repeat_means(ours, key, cfg), theirs, strict=True)])
@@ -653,6 +663,7 @@ def markdown(result: dict) -> str:
         ]
         rows = [(f"{p} s", f"{p}_s", ".3g") for p in PHASES] + [
             ("**total s**", "step_s", ".3g"),
+            ("CPU s (this process, all threads)", "cpu_s", ".3g"),
             ("generated tokens", "response_tokens", ".0f"),
             ("EOS rate", "eos_rate", ".2f"),
             ("cap rate", "cap_rate", ".2f"),
@@ -669,12 +680,12 @@ def markdown(result: dict) -> str:
         lines.append("| update GFLOP/s (share of GEMM peak) | " + " | ".join(cells) + " |")
         lines += [
             "",
-            "| ours / TRL | step | generate | log-probs | update | per generated token |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| ours / TRL | step | CPU time | generate | log-probs | update | per generated token |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, ratios in summary["pairings"].items():
             cells = []
-            for key in ("step_s", "generate_s", "logprob_s", "update_s", "s_per_response_token"):
+            for key in ("step_s", "cpu_s", "generate_s", "logprob_s", "update_s", "s_per_response_token"):
                 r = ratios.get(key)
                 cells.append(
                     "-" if r is None else f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] {r['verdict']}"
