@@ -32,17 +32,19 @@ Known differences that remain: TRL's group std is Bessel-corrected with eps 1e-4
 (different RNG streams), so the token counts differ: each side's generated tokens, EOS rate and cap rate are in
 the table, and the "fixed" length variant suppresses EOS on every side (every response is max_new_tokens long).
 
-Variants (``variants``): "{sampled|fixed}-{float32|bfloat16}", each in its own process. In a variant, every
+Variants (``variants``): "{sampled|fixed}-{float32|bfloat16|best}", each in its own process; "best" runs
+each side in the dtype of its fastest median step among the variants of that length before it, so each
+trainer is at its best on this machine. In a variant, every
 round runs one step of each side, in an order that rotates from round to round (so no side always runs right
 after another, or first after a pause); TRL's steps come from its own train() loop, ours run from its step
 callbacks. After ``warmup`` untimed rounds come ``repeats`` repeats of ``steps`` rounds. A pairing's ratio
 (ours / TRL) is taken per repeat; its spread over the repeats is reported, and a spread that crosses 1 is a tie.
 Beside each step's wall time, its CPU time (time.process_time: every thread of this process, the colocated
-vLLM engine included): on a machine shared with other jobs the wall time swings with their load, the CPU time
-much less, though it does not count a side's waiting nor reward a side that uses both cores better.
+vLLM engine included), a second view of the same pairing; on this machine it tracks the wall time (threads
+that wait for a core spin), so it is no cure for a noisy neighbour: the alternation and the repeats are.
 
 Anchors: the update phase's achieved FLOP/s, counted as 6 x parameters x tokens (real prompt + response tokens,
-forward and backward), as a share of this machine's GEMM rate in the variant's dtype, measured in the same
+forward and backward), as a share of this machine's GEMM rate in the side's dtype, measured in the same
 process (``common.gemm_rate``) at the start and end of the variant (the higher).
 
     python -m benchmarks.grpo_step [--quick] [--out FILE.json]
@@ -97,7 +99,8 @@ class StepBenchConfig:
     lr: float = 1e-5
     kl_coef: float = 0.001  # the paper's (A.1); > 0 so every side runs a reference model
     clip_eps: float = 0.2
-    variants: tuple[str, ...] = ("sampled-float32", "fixed-float32", "fixed-bfloat16")
+    # fixed-best last: each side in its faster dtype of the fixed-length variants before it
+    variants: tuple[str, ...] = ("sampled-float32", "fixed-float32", "fixed-bfloat16", "fixed-best")
     sides: tuple[str, ...] = SIDES
     warmup: int = 1  # untimed rounds before the first repeat
     repeats: int = 3
@@ -114,7 +117,7 @@ QUICK = StepBenchConfig(
     prompts_per_step=1,
     group_size=4,
     max_new_tokens=8,
-    variants=("fixed-bfloat16",),
+    variants=("fixed-bfloat16", "fixed-best"),
     sides=("ours-hf", "ours-vllm", "trl-hf"),
     warmup=0,
     repeats=2,
@@ -124,10 +127,27 @@ QUICK = StepBenchConfig(
 
 
 def parse_variant(variant: str) -> tuple[str, str]:
+    """(length, dtype) of "{length}-{dtype}"; dtype "best": each side in the dtype of its fastest step among the
+    variants of that length run before it (see ``best_dtypes``)."""
     length, _, dtype = variant.partition("-")
-    if length not in LENGTHS or dtype not in DTYPES:
-        raise ValueError(f"variant {variant!r}: expected {{{'|'.join(LENGTHS)}}}-{{{'|'.join(DTYPES)}}}")
+    if length not in LENGTHS or dtype not in (*DTYPES, "best"):
+        choices = "|".join((*DTYPES, "best"))
+        raise ValueError(f"variant {variant!r}: expected {{{'|'.join(LENGTHS)}}}-{{{choices}}}")
     return length, dtype
+
+
+def best_dtypes(variants: dict[str, dict], length: str, sides: list[str]) -> dict[str, str]:
+    """Each side's dtype with the lowest median step time over the variants of ``length`` already summarised
+    (float32 for a side none of them ran)."""
+    out = {}
+    for side in sides:
+        times = {
+            parse_variant(v)[1]: summary["sides"][side]["step_s"]["median"]
+            for v, summary in variants.items()
+            if parse_variant(v)[0] == length and side in summary["sides"]
+        }
+        out[side] = min(times, key=times.get) if times else "float32"
+    return out
 
 
 def have_trl() -> bool:
@@ -142,9 +162,14 @@ def load_float32(path: Path) -> torch.nn.Module:
 
 
 def our_trainer(
-    task: BenchTask, model_dir: Path, run_dir: Path, cfg: StepBenchConfig, variant: str, generator_kind: str
+    task: BenchTask,
+    model_dir: Path,
+    run_dir: Path,
+    cfg: StepBenchConfig,
+    length: str,
+    dtype: str,
+    generator_kind: str,
 ) -> GRPOTrainer:
-    length, dtype = parse_variant(variant)
     model, ref = load_float32(model_dir), load_float32(model_dir).eval()
     ref.requires_grad_(False)
     samples = cfg.prompts_per_step * cfg.group_size
@@ -199,7 +224,8 @@ def trl_trainer(
     model_dir: Path,
     out_dir: Path,
     cfg: StepBenchConfig,
-    variant: str,
+    length: str,
+    dtype: str,
     *,
     max_steps: int,
     use_vllm: bool = False,
@@ -210,7 +236,6 @@ def trl_trainer(
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer as TRLTrainer
 
-    length, dtype = parse_variant(variant)
     eos_ids = {task.tokenizer.eos_token_id}
 
     class TimedTRLTrainer(TRLTrainer):
@@ -352,10 +377,12 @@ def round_order(names: list[str], index: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------- one variant
 
 
-def run_variant(cfg: StepBenchConfig, variant: str) -> dict:
-    """All sides of one variant (except trl-vllm), alternating: each side's steps, ratios and checks."""
-    _, dtype = parse_variant(variant)
-    gemm = [gemm_rate(DTYPES[dtype])]
+def run_variant(cfg: StepBenchConfig, variant: str, dtypes: dict[str, str]) -> dict:
+    """All sides of one variant (except trl-vllm), alternating, each side computing in ``dtypes[side]``: each
+    side's steps and checks, and the GEMM rate of each dtype in use."""
+    length, _ = parse_variant(variant)
+    used = sorted(set(dtypes.values()))
+    gemm = {name: [gemm_rate(DTYPES[name])] for name in used}
     task = bench_task(cfg.size, seed=cfg.seed)
     rounds = cfg.warmup + cfg.repeats * cfg.steps
     counts: Counter = Counter()
@@ -372,7 +399,8 @@ def run_variant(cfg: StepBenchConfig, variant: str) -> dict:
             if side == "ours-vllm" and (reason := vllm_unavailable()):
                 missing[side] = reason
                 continue
-            ours[side] = our_trainer(task, model_dir, tmp / side, cfg, variant, side.removeprefix("ours-"))
+            kind = side.removeprefix("ours-")
+            ours[side] = our_trainer(task, model_dir, tmp / side, cfg, length, dtypes[side], kind)
             count_optimizer_steps(ours[side].optimizer, counts, side)
             steps[side] = []
         described = task.describe(next(iter(ours.values())).model) if ours else {}
@@ -420,7 +448,14 @@ def run_variant(cfg: StepBenchConfig, variant: str) -> dict:
                     self.round += 1
 
             trainer = trl_trainer(
-                task, model_dir, tmp / "trl", cfg, variant, max_steps=rounds, callback=Alternate()
+                task,
+                model_dir,
+                tmp / "trl",
+                cfg,
+                length,
+                dtypes["trl-hf"],
+                max_steps=rounds,
+                callback=Alternate(),
             )
             trainer.train()
             changed = {"trl-hf": changed_weights(trainer.model, initial)}
@@ -429,7 +464,8 @@ def run_variant(cfg: StepBenchConfig, variant: str) -> dict:
                 run_ours(round_order(names, index))
             changed = {}
         changed |= {side: changed_weights(t.model, initial) for side, t in ours.items()}
-    gemm.append(gemm_rate(DTYPES[dtype]))
+    for name in used:
+        gemm[name].append(gemm_rate(DTYPES[name]))
     timed = {side: records[cfg.warmup :] for side, records in steps.items()}
     check = {
         side: {
@@ -440,14 +476,15 @@ def run_variant(cfg: StepBenchConfig, variant: str) -> dict:
     }
     return {
         "task": {**described, "samples_per_step": cfg.prompts_per_step * cfg.group_size},
-        "gemm_flops": max(gemm),
+        "dtypes": {side: dtypes[side] for side in steps},
+        "gemm_flops": {name: max(rates) for name, rates in gemm.items()},
         "steps": timed,
         "update_check": check,
         "missing": missing,
     }
 
 
-def probe_trl_vllm(cfg: StepBenchConfig, variant: str) -> dict:
+def probe_trl_vllm(cfg: StepBenchConfig, length: str, dtype: str) -> dict:
     """TRL with vLLM colocated, alone: build it and run one step; its step time, or why it cannot run."""
     if not have_trl():
         return {"error": "trl not installed (pip install 'crystal-grpo[bench]')"}
@@ -460,7 +497,9 @@ def probe_trl_vllm(cfg: StepBenchConfig, variant: str) -> dict:
         model_dir = save_model(task.model(), task.tokenizer, tmp / "model")
         start = time.perf_counter()
         try:
-            trainer = trl_trainer(task, model_dir, tmp / "trl", cfg, variant, max_steps=1, use_vllm=True)
+            trainer = trl_trainer(
+                task, model_dir, tmp / "trl", cfg, length, dtype, max_steps=1, use_vllm=True
+            )
             built = time.perf_counter() - start
             trainer.train()
         except Exception as err:  # noqa: BLE001 - the failure is the result
@@ -515,13 +554,15 @@ def pairing(ours: list[dict], trl: list[dict], cfg: StepBenchConfig) -> dict:
 def summarize_variant(raw: dict, cfg: StepBenchConfig) -> dict:
     parameters = raw["task"].get("parameters", 0)
     sides = {
-        side: side_summary(records, parameters, raw["gemm_flops"]) for side, records in raw["steps"].items()
+        side: side_summary(records, parameters, raw["gemm_flops"][raw["dtypes"][side]])
+        for side, records in raw["steps"].items()
     }
     ours = [s for s in sides if s.startswith("ours")]
     trl = [s for s in sides if s.startswith("trl")]
     pairings = {f"{a} / {b}": pairing(raw["steps"][a], raw["steps"][b], cfg) for a in ours for b in trl}
     out = {
         "task": raw["task"],
+        "dtypes": raw["dtypes"],
         "gemm_flops": raw["gemm_flops"],
         "sides": sides,
         "pairings": pairings,
@@ -537,8 +578,10 @@ def summarize_variant(raw: dict, cfg: StepBenchConfig) -> dict:
 
 def run(cfg: StepBenchConfig | None = None) -> dict:
     cfg = cfg or StepBenchConfig()
-    for variant in cfg.variants:
-        parse_variant(variant)
+    for index, variant in enumerate(cfg.variants):
+        length, dtype = parse_variant(variant)
+        if dtype == "best" and not any(v.startswith(f"{length}-") for v in cfg.variants[:index]):
+            raise ValueError(f"variant {variant!r} needs a {length}-float32 or -bfloat16 variant before it")
     config = json.dumps(asdict(cfg))
     result: dict = {"config": asdict(cfg), "flops_formula": FLOPS_FORMULA, "variants": {}, "missing": {}}
     if "trl-vllm" in cfg.sides:
@@ -558,8 +601,15 @@ def run(cfg: StepBenchConfig | None = None) -> dict:
         for variant in cfg.variants:
             result["missing"][f"{variant}/trl-vllm"] = reason
     for variant in cfg.variants:
+        length, dtype = parse_variant(variant)
+        sides = [s for s in cfg.sides if s != "trl-vllm"]
+        dtypes = (
+            best_dtypes(result["variants"], length, sides) if dtype == "best" else dict.fromkeys(sides, dtype)
+        )
         raw = child_json(
-            "benchmarks.grpo_step", ["--variant", variant, "--config", config], cfg.child_timeout_s
+            "benchmarks.grpo_step",
+            ["--variant", variant, "--dtypes", json.dumps(dtypes), "--config", config],
+            cfg.child_timeout_s,
         )
         if "error" in raw:
             for side in cfg.sides:
@@ -592,12 +642,13 @@ def alone(side: str, variant: str, cfg: StepBenchConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = save_model(task.model(), task.tokenizer, tmp / "model")
+        length, dtype = parse_variant(variant)
         if side == "ours-hf":
-            trainer = our_trainer(task, model_dir, tmp / "ours", cfg, variant, "hf")
+            trainer = our_trainer(task, model_dir, tmp / "ours", cfg, length, dtype, "hf")
             with PeakRSS() as rss:
                 trainer.step()
         else:
-            trainer = trl_trainer(task, model_dir, tmp / "trl", cfg, variant, max_steps=1)
+            trainer = trl_trainer(task, model_dir, tmp / "trl", cfg, length, dtype, max_steps=1)
             with PeakRSS() as rss:
                 trainer.train()
     return {"rss_built_mb": rss.start / 2**20, "peak_rss_mb": rss.peak / 2**20}
@@ -606,13 +657,21 @@ def alone(side: str, variant: str, cfg: StepBenchConfig) -> dict:
 # ----------------------------------------------------------------------------------------------- reporting
 
 
+def dtype_label(dtype: str, dtypes: dict[str, str]) -> str:
+    if dtype != "best":
+        return dtype
+    chosen = ", ".join(f"{side} {name}" for side, name in dtypes.items())
+    return f"each side in its faster dtype of the variants above ({chosen})"
+
+
 def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
 def print_result(result: dict) -> None:
     for variant, summary in result["variants"].items():
-        print(f"-- {variant}: GEMM {summary['gemm_flops'] / 1e9:.0f} GFLOP/s")
+        gemm = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in summary["gemm_flops"].items())
+        print(f"-- {variant}: {summary['dtypes']}; GEMM GFLOP/s {gemm}")
         sides = list(summary["sides"])
         print(f"{'':22s}" + "".join(f"{s:>12s}" for s in sides))
         keys = ("step_s", *(f"{p}_s" for p in PHASES), "response_tokens", "eos_rate", "cap_rate")
@@ -654,9 +713,11 @@ def markdown(result: dict) -> str:
         sides = list(summary["sides"])
         lines += [
             f"#### {'fixed length (EOS suppressed on every side)' if length == 'fixed' else 'sampled length'}"
-            f", {dtype}",
+            f", {dtype_label(dtype, summary['dtypes'])}",
             "",
-            f"GEMM rate measured in this process: {summary['gemm_flops'] / 1e9:.0f} GFLOP/s ({dtype}).",
+            "GEMM rate measured in this process: "
+            + ", ".join(f"{v / 1e9:.0f} GFLOP/s ({k})" for k, v in summary["gemm_flops"].items())
+            + ".",
             "",
             "| per step | " + " | ".join(sides) + " |",
             "| --- |" + " --- |" * len(sides),
@@ -732,6 +793,7 @@ def main(argv: list[str] | None = None) -> dict:
     internal.add_argument("--variant", help="internal: run one variant, raw steps as JSON")
     internal.add_argument("--probe", metavar="VARIANT", help="internal: TRL with vLLM alone, one step")
     internal.add_argument("--alone", nargs=2, metavar=("SIDE", "VARIANT"), help="internal: memory alone")
+    parser.add_argument("--dtypes", help="internal: with --variant, each side's dtype, as JSON")
     parser.add_argument("--config", help="internal: the StepBenchConfig, as JSON")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else StepBenchConfig()
@@ -741,8 +803,8 @@ def main(argv: list[str] | None = None) -> dict:
             StepBenchConfig(), **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         )
     for internal_run, fn in (
-        (args.variant, lambda: run_variant(cfg, args.variant)),
-        (args.probe, lambda: probe_trl_vllm(cfg, args.probe)),
+        (args.variant, lambda: run_variant(cfg, args.variant, json.loads(args.dtypes))),
+        (args.probe, lambda: probe_trl_vllm(cfg, *parse_variant(args.probe))),
         (args.alone, lambda: alone(args.alone[0], args.alone[1], cfg)),
     ):
         if internal_run:
