@@ -274,7 +274,7 @@ def bench(
     names: Annotated[
         list[str] | None, typer.Argument(help="grpo_step, rollout, reward, weight_sync.")
     ] = None,
-    quick: Annotated[bool, option("--quick", "Small configurations (under 3 minutes).")] = False,
+    quick: Annotated[bool, option("--quick", "Small configurations (about 4 minutes).")] = False,
     out: Annotated[Path, option("--out", "Where results.json and results.md go.")] = Path("bench"),
     threads: Annotated[int | None, option("torch threads (default: one per core).")] = None,
 ) -> None:

@@ -15,6 +15,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -117,6 +119,54 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
         "max": max(values),
         "n": len(values),
     }
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Median, min and max of repeated ratios A / B, and what they say: "faster" (A below B in every repeat),
+    "slower" (above in every repeat) or "tie" (the spread crosses 1)."""
+    low, high = min(values), max(values)
+    verdict = "faster" if high < 1 else "slower" if low > 1 else "tie"
+    return {
+        "per_repeat": list(values),
+        "median": statistics.median(values),
+        "min": low,
+        "max": high,
+        "verdict": verdict,
+    }
+
+
+def gemm_rate(dtype: torch.dtype, sizes: Sequence[int] = (512, 1024, 2048), seconds: float = 0.5) -> float:
+    """This machine's GEMM rate in FLOP/s for ``dtype``: the best over square matmuls of ``sizes`` (2 n^3
+    FLOPs each), each repeated for about ``seconds`` after a warm-up; with torch's current thread count.
+    Measured in the same process and run as the figures it anchors, so under the same load."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b
+        count, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds or count < 2:
+            a @ b
+            count += 1
+        best = max(best, 2 * n**3 * count / elapsed)
+    return best
+
+
+def child_json(module: str, args: Sequence[str], timeout_s: float | None = None) -> dict:
+    """Run ``python -m module *args`` in a fresh process (a vLLM engine per process: a second engine in one
+    process can fail inside vLLM) and return the JSON object on the last line of its stdout. A child that fails
+    gives {"error": the last lines of its stderr}."""
+    command = [sys.executable, "-m", module, *args]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, cwd=Path(__file__).parents[1]
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"{module} {' '.join(args)[:80]}: no answer in {timeout_s:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        return {"error": f"exit code {done.returncode}: {tail}"}
+    return json.loads(lines[-1])
 
 
 def digit_share_reward(metas: Sequence[dict], texts: Sequence[str]) -> tuple[list[float], list[dict]]:

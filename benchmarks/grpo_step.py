@@ -1,8 +1,17 @@
-"""One GRPO step in our GRPOTrainer and in TRL's GRPOTrainer, side by side in one process.
+"""GRPO steps of our GRPOTrainer and TRL's GRPOTrainer, each with its generators, side by side in one process.
 
-Both trainers get the same model (the same safetensors file, float32), tokenizer, A.4 prompts, group size,
-samples per step, response length, reward function, optimizer (AdamW, constant lr, no weight decay, gradient
-clipping at 1.0) and loss settings:
+Sides (``StepBenchConfig.sides``):
+
+    ours-hf     GRPOTrainer + HFGenerator (transformers generate on the policy)
+    ours-vllm   GRPOTrainer + VLLMGenerator (a vLLM engine in the process, synced after every update)
+    trl-hf      TRL GRPOTrainer, transformers generate
+    trl-vllm    TRL GRPOTrainer, use_vllm=True, vllm_mode="colocate"; tried alone in a fresh process first
+                (a second vLLM engine in one process can fail inside vLLM): if it cannot run a step here, the
+                reason is recorded as the row's entry in ``missing``
+
+Every side gets the same model (the same safetensors file, float32 weights), tokenizer, A.4 prompts, group size,
+samples per step, response length, reward, optimizer (AdamW, constant lr, no weight decay, clipping at 1.0) and
+loss:
 
     ours                                   TRL (GRPOConfig)
     loss_agg="token-mean"                  loss_type="bnpo" (token mean over the step's batch; with one process
@@ -13,14 +22,30 @@ clipping at 1.0) and loss settings:
     one mini-batch, one micro-batch        per_device_train_batch_size = samples per step,
                                            gradient_accumulation_steps = 1, num_iterations = 1
     temperature 1, top_p 1, no top-k       temperature 1, top_p 1, top_k 0
+    min_new_tokens (fixed length)          generation_kwargs={"min_new_tokens": ...}
+    compute_dtype=bfloat16 (bf16)          bf16=True (both: autocast, float32 master weights; ours around
+                                           each whole pass and the whole HF generate call, TRL's accelerate
+                                           around each forward call); our vLLM engine runs in bf16
 
 Known differences that remain: TRL's group std is Bessel-corrected with eps 1e-4, ours is the population std
 (paper eq. 2) with eps 1e-6; ours clamps the per-token k3 KL to [-10, 10]; the sampled responses differ
-(different RNG streams) so the token counts differ slightly.
+(different RNG streams), so the token counts differ: each side's generated tokens, EOS rate and cap rate are in
+the table, and the "fixed" length variant suppresses EOS on every side (every response is max_new_tokens long).
 
-The steps alternate (TRL, ours, TRL, ours, ...) through a TrainerCallback, so both see the same machine load.
-The first ``warmup`` steps of each are not counted. Our step's own timers split it into generate / reward /
-logprob / update / sync; TRL's is split by timing its generation, reward and generate-and-score methods.
+Variants (``variants``): "{sampled|fixed}-{float32|bfloat16|best}", each in its own process; "best" runs
+each side in the dtype of its fastest median step among the variants of that length before it, so each
+trainer is at its best on this machine. In a variant, every
+round runs one step of each side, in an order that rotates from round to round (so no side always runs right
+after another, or first after a pause); TRL's steps come from its own train() loop, ours run from its step
+callbacks. After ``warmup`` untimed rounds come ``repeats`` repeats of ``steps`` rounds. A pairing's ratio
+(ours / TRL) is taken per repeat; its spread over the repeats is reported, and a spread that crosses 1 is a tie.
+Beside each step's wall time, its CPU time (time.process_time: every thread of this process, the colocated
+vLLM engine included), a second view of the same pairing; on this machine it tracks the wall time (threads
+that wait for a core spin), so it is no cure for a noisy neighbour: the alternation and the repeats are.
+
+Anchors: the update phase's achieved FLOP/s, counted as 6 x parameters x tokens (real prompt + response tokens,
+forward and backward), as a share of this machine's GEMM rate in the side's dtype, measured in the same
+process (``common.gemm_rate``) at the start and end of the variant (the higher).
 
     python -m benchmarks.grpo_step [--quick] [--out FILE.json]
 """
@@ -30,12 +55,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
-import sys
+import os
+import statistics
 import tempfile
 import time
+import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,44 +71,105 @@ from benchmarks.common import (
     BenchTask,
     PeakRSS,
     bench_task,
+    child_json,
     digit_share_reward,
+    gemm_rate,
+    spread,
     summarize,
+    vllm_unavailable,
     write_result,
 )
-from grpo.generation import HFGenerator
+from grpo.generation import GeneratorConfig, HFGenerator
 from grpo.models import save_model
 from grpo.trainer import GRPOConfig, GRPOTrainer
 
 PHASES = ("generate", "reward", "logprob", "update", "sync")
+SIDES = ("ours-hf", "ours-vllm", "trl-hf", "trl-vllm")
+LENGTHS = ("sampled", "fixed")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FLOPS_FORMULA = "6 x parameters x (prompt + response tokens)"
 
 
 @dataclass
 class StepBenchConfig:
     size: str = "tiny"
-    prompts_per_step: int = 2
+    prompts_per_step: int = 4
     group_size: int = 8
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     lr: float = 1e-5
-    kl_coef: float = 0.001  # the paper's (A.1); > 0 so both trainers run a reference model
+    kl_coef: float = 0.001  # the paper's (A.1); > 0 so every side runs a reference model
     clip_eps: float = 0.2
-    warmup: int = 1
-    steps: int = 4
+    # fixed-best last: each side in its faster dtype of the fixed-length variants before it
+    variants: tuple[str, ...] = ("sampled-float32", "fixed-float32", "fixed-bfloat16", "fixed-best")
+    sides: tuple[str, ...] = SIDES
+    warmup: int = 1  # untimed rounds before the first repeat
+    repeats: int = 3
+    steps: int = 2  # rounds per repeat
     seed: int = 0
-    # Peak memory of each trainer alone, in a fresh process (in one process the heap the first trainer grew is
-    # reused by the second, so per-side memory there is not comparable)
+    # Peak memory of ours-hf and trl-hf alone, each in a fresh process, one step of the first variant (in one
+    # process the heap the first trainer grew is reused by the next, so per-side memory there is not comparable)
     isolated_memory: bool = True
+    child_timeout_s: float = 7200.0
+    target_ratio: float = 0.67  # issue 18: ours (best generator) / TRL (best mode) step time, 1.5x faster
 
 
 QUICK = StepBenchConfig(
-    prompts_per_step=1, group_size=4, max_new_tokens=8, warmup=1, steps=1, isolated_memory=False
+    prompts_per_step=1,
+    group_size=4,
+    max_new_tokens=8,
+    variants=("fixed-bfloat16", "fixed-best"),
+    sides=("ours-hf", "ours-vllm", "trl-hf"),
+    warmup=0,
+    repeats=2,
+    steps=1,
+    isolated_memory=False,
 )
+
+
+def parse_variant(variant: str) -> tuple[str, str]:
+    """(length, dtype) of "{length}-{dtype}"; dtype "best": each side in the dtype of its fastest step among the
+    variants of that length run before it (see ``best_dtypes``)."""
+    length, _, dtype = variant.partition("-")
+    if length not in LENGTHS or dtype not in (*DTYPES, "best"):
+        choices = "|".join((*DTYPES, "best"))
+        raise ValueError(f"variant {variant!r}: expected {{{'|'.join(LENGTHS)}}}-{{{choices}}}")
+    return length, dtype
+
+
+def best_dtypes(variants: dict[str, dict], length: str, sides: list[str]) -> dict[str, str]:
+    """Each side's dtype with the lowest median step time over the variants of ``length`` already summarised
+    (float32 for a side none of them ran)."""
+    out = {}
+    for side in sides:
+        times = {
+            parse_variant(v)[1]: summary["sides"][side]["step_s"]["median"]
+            for v, summary in variants.items()
+            if parse_variant(v)[0] == length and side in summary["sides"]
+        }
+        out[side] = min(times, key=times.get) if times else "float32"
+    return out
+
+
+def have_trl() -> bool:
+    return importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
 
 
 def load_float32(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def our_trainer(task: BenchTask, model_dir: Path, run_dir: Path, cfg: StepBenchConfig) -> GRPOTrainer:
+# ----------------------------------------------------------------------------------------------- the sides
+
+
+def our_trainer(
+    task: BenchTask,
+    model_dir: Path,
+    run_dir: Path,
+    cfg: StepBenchConfig,
+    length: str,
+    dtype: str,
+    generator_kind: str,
+) -> GRPOTrainer:
     model, ref = load_float32(model_dir), load_float32(model_dir).eval()
     ref.requires_grad_(False)
     samples = cfg.prompts_per_step * cfg.group_size
@@ -104,18 +191,26 @@ def our_trainer(task: BenchTask, model_dir: Path, run_dir: Path, cfg: StepBenchC
         temperature=1.0,
         top_p=1.0,
         max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.max_new_tokens if length == "fixed" else 0,
         seed=cfg.seed,
     )
+    if generator_kind == "hf":
+        generator = HFGenerator(model, task.tokenizer, batch_size=samples, compute_dtype=DTYPES[dtype])
+    else:
+        from grpo.vllm_generator import VLLMGenerator
+
+        generator = VLLMGenerator(model_dir, task.tokenizer, GeneratorConfig(kind="vllm", dtype=dtype))
     return GRPOTrainer(
         model=model,
         tokenizer=task.tokenizer,
-        generator=HFGenerator(model, task.tokenizer, batch_size=samples),
+        generator=generator,
         prompts=task.prompts,
         reward_fn=digit_share_reward,
         config=config,
         run_dir=run_dir,
         ref_model=ref,
         console_log=False,
+        compute_dtype=DTYPES[dtype],
     )
 
 
@@ -124,15 +219,28 @@ def trl_reward(prompts, completions, **kwargs) -> list[float]:
     return digit_share_reward([{}] * len(completions), completions)[0]
 
 
-def trl_trainer(task: BenchTask, model_dir: Path, out_dir: Path, cfg: StepBenchConfig, callback):
+def trl_trainer(
+    task: BenchTask,
+    model_dir: Path,
+    out_dir: Path,
+    cfg: StepBenchConfig,
+    length: str,
+    dtype: str,
+    *,
+    max_steps: int,
+    use_vllm: bool = False,
+    callback=None,
+):
     """TRL's GRPOTrainer on the same model file, with timers around generation, reward and scoring."""
     from datasets import Dataset
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer as TRLTrainer
 
+    eos_ids = {task.tokenizer.eos_token_id}
+
     class TimedTRLTrainer(TRLTrainer):
         """Adds up the seconds spent in generation, reward and the whole generate-and-score phase (which also
-        holds the reference log-probs), and the prompt + completion tokens of each step."""
+        holds the reference log-probs), and counts each step's tokens and how its completions ended."""
 
         bench = Counter()
 
@@ -152,20 +260,31 @@ def trl_trainer(task: BenchTask, model_dir: Path, out_dir: Path, cfg: StepBenchC
             start = time.perf_counter()
             out = super()._generate_and_score_completions(inputs)
             self.bench["rollout"] += time.perf_counter() - start
+            ids, mask = out["completion_ids"], out["completion_mask"].bool()
+            ended = (torch.isin(ids, torch.tensor(sorted(eos_ids), device=ids.device)) & mask).any(dim=1)
             self.bench["generations"] += 1
-            self.bench["samples"] += int(out["completion_ids"].shape[0])
-            self.bench["tokens"] += int(out["prompt_mask"].sum() + out["completion_mask"].sum())
+            self.bench["samples"] += int(ids.shape[0])
+            self.bench["eos"] += int(ended.sum())
+            self.bench["response_tokens"] += int(mask.sum())
+            self.bench["tokens"] += int(out["prompt_mask"].sum() + mask.sum())
             return out
 
     samples = cfg.prompts_per_step * cfg.group_size
+    fixed = {"min_new_tokens" if not use_vllm else "min_tokens": cfg.max_new_tokens}
+    vllm_args = (
+        dict(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False, vllm_max_model_length=2048)
+        if use_vllm
+        else {}
+    )
     args = TRLConfig(
         output_dir=str(out_dir),
-        max_steps=cfg.warmup + cfg.steps,
+        max_steps=max_steps,
         per_device_train_batch_size=samples,
         gradient_accumulation_steps=1,
         num_generations=cfg.group_size,
         num_iterations=1,
         max_completion_length=cfg.max_new_tokens,
+        generation_kwargs=fixed if length == "fixed" else None,
         learning_rate=cfg.lr,
         weight_decay=0.0,
         adam_beta1=0.9,
@@ -180,7 +299,7 @@ def trl_trainer(task: BenchTask, model_dir: Path, out_dir: Path, cfg: StepBenchC
         top_p=1.0,
         top_k=0,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=dtype == "bfloat16",
         use_cpu=not torch.cuda.is_available(),
         seed=cfg.seed,
         logging_steps=10**6,
@@ -188,6 +307,7 @@ def trl_trainer(task: BenchTask, model_dir: Path, out_dir: Path, cfg: StepBenchC
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **vllm_args,
     )
     dataset = Dataset.from_dict({"prompt": [p.text for p in task.prompts]})
     return TimedTRLTrainer(
@@ -210,261 +330,491 @@ def changed_weights(model: torch.nn.Module, reference: dict[str, torch.Tensor]) 
 
 
 def our_step(trainer: GRPOTrainer) -> dict:
+    cpu = time.process_time()
     with PeakRSS() as rss:
         metrics = trainer.step()
-    tokens = metrics["tokens_per_s"] * metrics["time_step"]
+    cpu = time.process_time() - cpu
+    samples = trainer.config.prompts_per_step * trainer.config.group_size
     return {
         "step_s": metrics["time_step"],
+        "cpu_s": cpu,
         **{f"{k}_s": metrics[f"time_{k}"] for k in PHASES},
-        "tokens": tokens,
-        "tokens_per_s": metrics["tokens_per_s"],
+        "tokens": metrics["tokens_per_s"] * metrics["time_step"],
+        "response_tokens": metrics["response_length"] * samples,
+        "eos_rate": 1.0 - metrics["truncated_fraction"],
+        "cap_rate": metrics["truncated_fraction"],
         "peak_rss_mb": rss.peak / 2**20,
-        "rss_growth_mb": rss.growth / 2**20,
-        "response_length": metrics["response_length"],
     }
 
 
-def side_summary(steps: list[dict]) -> dict:
-    keys = [k for k in steps[0] if isinstance(steps[0][k], float | int)]
-    return {k: summarize([s[k] for s in steps]) for k in keys}
+def trl_step(bench: Counter, step_s: float, cpu_s: float, rss: PeakRSS) -> dict:
+    samples = max(1, bench["samples"])
+    return {
+        "step_s": step_s,
+        "cpu_s": cpu_s,
+        "generate_s": bench["generate"],
+        "reward_s": bench["reward"],
+        # generate-and-score minus generation and reward: tokenising, reference log-probs
+        "logprob_s": bench["rollout"] - bench["generate"] - bench["reward"],
+        "update_s": step_s - bench["rollout"],
+        "sync_s": 0.0,  # TRL's HF path generates with the policy itself (its vLLM sync is inside generate)
+        "tokens": float(bench["tokens"]),
+        "response_tokens": float(bench["response_tokens"]),
+        "eos_rate": bench["eos"] / samples,
+        "cap_rate": 1.0 - bench["eos"] / samples,
+        "peak_rss_mb": rss.peak / 2**20,
+        "generations": bench["generations"],
+        "samples": bench["samples"],
+    }
 
 
-def run(cfg: StepBenchConfig | None = None) -> dict:
-    cfg = cfg or StepBenchConfig()
+def round_order(names: list[str], index: int) -> list[str]:
+    """The sides' order in round ``index``: the list rotated by one place per round."""
+    shift = index % len(names)
+    return names[shift:] + names[:shift]
+
+
+# ----------------------------------------------------------------------------------------------- one variant
+
+
+def run_variant(cfg: StepBenchConfig, variant: str, dtypes: dict[str, str]) -> dict:
+    """All sides of one variant (except trl-vllm), alternating, each side computing in ``dtypes[side]``: each
+    side's steps and checks, and the GEMM rate of each dtype in use."""
+    length, _ = parse_variant(variant)
+    used = sorted(set(dtypes.values()))
+    gemm = {name: [gemm_rate(DTYPES[name])] for name in used}
     task = bench_task(cfg.size, seed=cfg.seed)
-    have_trl = (
-        importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
-    )
+    rounds = cfg.warmup + cfg.repeats * cfg.steps
     counts: Counter = Counter()
-    ours_steps: list[dict] = []
-    trl_steps: list[dict] = []
+    steps: dict[str, list[dict]] = {}
+    missing: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = save_model(task.model(), task.tokenizer, tmp / "model")
         initial = {n: p.detach().clone() for n, p in load_float32(model_dir).named_parameters()}
-        ours = our_trainer(task, model_dir, tmp / "ours", cfg)
-        count_optimizer_steps(ours.optimizer, counts, "ours_optimizer_steps")
-        described = task.describe(ours.model)
+        ours: dict[str, GRPOTrainer] = {}
+        for side in ("ours-hf", "ours-vllm"):
+            if side not in cfg.sides:
+                continue
+            if side == "ours-vllm" and (reason := vllm_unavailable()):
+                missing[side] = reason
+                continue
+            kind = side.removeprefix("ours-")
+            ours[side] = our_trainer(task, model_dir, tmp / side, cfg, length, dtypes[side], kind)
+            count_optimizer_steps(ours[side].optimizer, counts, side)
+            steps[side] = []
+        described = task.describe(next(iter(ours.values())).model) if ours else {}
+        names = list(ours) + (["trl-hf"] if "trl-hf" in cfg.sides and have_trl() else [])
+        if "trl-hf" in cfg.sides and not have_trl():
+            missing["trl-hf"] = "trl not installed (pip install 'crystal-grpo[bench]')"
 
-        def ours_once() -> None:
-            ours_steps.append(our_step(ours))
-            counts["ours_generations"] += 1
+        def run_ours(order: list[str]) -> None:
+            for side in order:
+                steps[side].append(our_step(ours[side]))
 
-        if have_trl:
+        if "trl-hf" in names:
             from transformers import TrainerCallback
 
+            steps["trl-hf"] = []
+
             class Alternate(TrainerCallback):
-                """Times each TRL optimizer step (generation, loss, backward, optimizer) and runs one of ours
-                right after it."""
+                """Runs the round's sides before TRL in on_step_begin, times TRL's step (generation, loss,
+                backward, optimizer), then runs the round's sides after it."""
 
                 rss: PeakRSS | None = None
-                start = 0.0
+                start = cpu = 0.0
+                round = 0
+
+                def order(self) -> tuple[list[str], list[str]]:
+                    order = round_order(names, self.round)
+                    at = order.index("trl-hf")
+                    return order[:at], order[at + 1 :]
 
                 def on_step_begin(self, args, state, control, **kwargs):
-                    if not counts["trl_hooked"]:
+                    if not counts["trl-hooked"]:
                         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-                        count_optimizer_steps(optimizer, counts, "trl_optimizer_steps")
-                        counts["trl_hooked"] = 1
+                        count_optimizer_steps(optimizer, counts, "trl-hf")
+                        counts["trl-hooked"] = 1
+                    run_ours(self.order()[0])
                     trainer.bench.clear()
                     self.rss = PeakRSS().__enter__()
-                    self.start = time.perf_counter()
+                    self.start, self.cpu = time.perf_counter(), time.process_time()
 
                 def on_step_end(self, args, state, control, **kwargs):
-                    step_s = time.perf_counter() - self.start
+                    step_s, cpu_s = time.perf_counter() - self.start, time.process_time() - self.cpu
                     self.rss.__exit__(None, None, None)
-                    b = trainer.bench
-                    trl_steps.append(
-                        {
-                            "step_s": step_s,
-                            "generate_s": b["generate"],
-                            "reward_s": b["reward"],
-                            # generate-and-score minus generation and reward: tokenising, reference log-probs
-                            "logprob_s": b["rollout"] - b["generate"] - b["reward"],
-                            "update_s": step_s - b["rollout"],
-                            "tokens": b["tokens"],
-                            "tokens_per_s": b["tokens"] / step_s,
-                            "peak_rss_mb": self.rss.peak / 2**20,
-                            "rss_growth_mb": self.rss.growth / 2**20,
-                            "generations": b["generations"],
-                            "samples": b["samples"],
-                        }
-                    )
-                    ours_once()
+                    steps["trl-hf"].append(trl_step(trainer.bench, step_s, cpu_s, self.rss))
+                    run_ours(self.order()[1])
+                    self.round += 1
 
-            trainer = trl_trainer(task, model_dir, tmp / "trl", cfg, Alternate())
-            trainer.train()
-            trl_changed = changed_weights(trainer.model, initial)
-        else:
-            for _ in range(cfg.warmup + cfg.steps):
-                ours_once()
-        ours_changed = changed_weights(ours.model, initial)
-
-    total = cfg.warmup + cfg.steps
-    result: dict = {
-        "config": asdict(cfg),
-        "task": {**described, "samples_per_step": cfg.prompts_per_step * cfg.group_size},
-        "ours": side_summary(ours_steps[cfg.warmup :]),
-    }
-    check = {
-        "ours": {
-            "optimizer_steps_per_grpo_step": counts["ours_optimizer_steps"] / total,
-            "generations_per_grpo_step": counts["ours_generations"] / total,
-            "loss": f"token-mean PPO-clip eps={cfg.clip_eps} + {cfg.kl_coef} * k3 KL",
-            "max_weight_change": ours_changed,
-        }
-    }
-    if have_trl:
-        result["trl"] = side_summary(trl_steps[cfg.warmup :])
-        check["trl"] = {
-            "optimizer_steps_per_grpo_step": counts["trl_optimizer_steps"] / len(trl_steps),
-            "generations_per_grpo_step": sum(s["generations"] for s in trl_steps) / len(trl_steps),
-            "samples_per_generation": trl_steps[-1]["samples"] / max(1, trl_steps[-1]["generations"]),
-            "loss": f"loss_type=bnpo epsilon={trainer.epsilon_low} beta={trainer.beta} (k3)",
-            "max_weight_change": trl_changed,
-        }
-        same = all(
-            check["ours"][k] == check["trl"][k]
-            for k in ("optimizer_steps_per_grpo_step", "generations_per_grpo_step")
-        )
-        same = same and check["trl"]["samples_per_generation"] == cfg.prompts_per_step * cfg.group_size
-        check["same_update"] = bool(same and ours_changed > 0 and trl_changed > 0)
-        ours_s, trl_s = result["ours"], result["trl"]
-        result["ratio_ours_over_trl"] = {
-            "step_time": ours_s["step_s"]["median"] / trl_s["step_s"]["median"],
-            "tokens_per_s": ours_s["tokens_per_s"]["median"] / trl_s["tokens_per_s"]["median"],
-        }
-        result["note"] = "target: our step faster than TRL's (step_time ratio < 1)"
-    else:
-        result["note"] = "trl not installed (pip install 'crystal-grpo[bench]'): TRL side skipped"
-    result["update_check"] = check
-    if cfg.isolated_memory:
-        result["alone"] = {
-            side: run_alone(side, cfg) for side in (("ours", "trl") if have_trl else ("ours",))
-        }
-        if have_trl:
-            result["ratio_ours_over_trl"]["peak_rss_alone"] = (
-                result["alone"]["ours"]["peak_rss_mb"] / result["alone"]["trl"]["peak_rss_mb"]
+            trainer = trl_trainer(
+                task,
+                model_dir,
+                tmp / "trl",
+                cfg,
+                length,
+                dtypes["trl-hf"],
+                max_steps=rounds,
+                callback=Alternate(),
             )
-    return result
+            trainer.train()
+            changed = {"trl-hf": changed_weights(trainer.model, initial)}
+        else:
+            for index in range(rounds):
+                run_ours(round_order(names, index))
+            changed = {}
+        changed |= {side: changed_weights(t.model, initial) for side, t in ours.items()}
+    for name in used:
+        gemm[name].append(gemm_rate(DTYPES[name]))
+    timed = {side: records[cfg.warmup :] for side, records in steps.items()}
+    check = {
+        side: {
+            "optimizer_steps_per_grpo_step": counts[side] / len(records),
+            "max_weight_change": changed[side],
+        }
+        for side, records in steps.items()
+    }
+    return {
+        "task": {**described, "samples_per_step": cfg.prompts_per_step * cfg.group_size},
+        "dtypes": {side: dtypes[side] for side in steps},
+        "gemm_flops": {name: max(rates) for name, rates in gemm.items()},
+        "steps": timed,
+        "update_check": check,
+        "missing": missing,
+    }
 
 
-def print_result(result: dict) -> None:
-    sides = [s for s in ("ours", "trl") if s in result]
-    print(f"{'':14s}" + "".join(f"{s:>12s}" for s in sides))
-    for key in ("step_s", *(f"{p}_s" for p in PHASES), "tokens_per_s", "peak_rss_mb", "rss_growth_mb"):
-        cells = [result[s][key]["median"] if key in result[s] else None for s in sides]
-        print(f"{key:14s}" + "".join(f"{'-':>12s}" if c is None else f"{c:12.3f}" for c in cells))
-    for key, value in result.get("ratio_ours_over_trl", {}).items():
-        print(f"ratio ours/TRL {key}: {value:.3f}")
-    for side, memory in result.get("alone", {}).items():
-        print(
-            f"{side} alone: RSS {memory['rss_built_mb']:.0f} MB once built, peak {memory['peak_rss_mb']:.0f} MB"
-        )
-    print("update check:", json.dumps(result["update_check"], indent=1))
-    print("note:", result["note"])
-
-
-def alone(side: str, cfg: StepBenchConfig) -> dict:
-    """Run one trainer alone for warm-up + steps GRPO steps: RSS once it is built, and the peak RSS while it
-    trains (sampled; the kernel's ru_maxrss would also count the set-up: tokenizer training, data loading)."""
+def probe_trl_vllm(cfg: StepBenchConfig, length: str, dtype: str) -> dict:
+    """TRL with vLLM colocated, alone: build it and run one step; its step time, or why it cannot run."""
+    if not have_trl():
+        return {"error": "trl not installed (pip install 'crystal-grpo[bench]')"}
+    if reason := vllm_unavailable():
+        return {"error": reason}
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of host memory for its KV cache
     task = bench_task(cfg.size, seed=cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = save_model(task.model(), task.tokenizer, tmp / "model")
-        if side == "ours":
-            trainer = our_trainer(task, model_dir, tmp / "ours", cfg)
-            with PeakRSS() as rss:
-                for _ in range(cfg.warmup + cfg.steps):
-                    trainer.step()
+        start = time.perf_counter()
+        try:
+            trainer = trl_trainer(
+                task, model_dir, tmp / "trl", cfg, length, dtype, max_steps=1, use_vllm=True
+            )
+            built = time.perf_counter() - start
+            trainer.train()
+        except Exception as err:  # noqa: BLE001 - the failure is the result
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            return {
+                "error": f"{type(err).__name__}: {err} (at {Path(where.filename).name}:{where.lineno} "
+                f"in {where.name}, {time.perf_counter() - start:.0f} s after the start)"
+            }
+    return {"built_s": built, "step_s": time.perf_counter() - start - built}
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def flops_per_token(parameters: int, passes: int = 3) -> float:
+    """FLOPs per token of ``passes`` matmul passes over a model (forward = 1, backward = 2): 2 per parameter
+    and pass, so forward + backward is 6 x parameters."""
+    return 2.0 * passes * parameters
+
+
+def side_summary(records: list[dict], parameters: int, peak: float) -> dict:
+    keys = [k for k in records[0] if isinstance(records[0][k], float | int)]
+    out = {k: summarize([r[k] for r in records]) for k in keys}
+    update_flops = [flops_per_token(parameters) * r["tokens"] / r["update_s"] for r in records]
+    out["update_flops"] = summarize(update_flops)
+    out["update_share_of_gemm_peak"] = statistics.median(update_flops) / peak
+    out["ms_per_response_token"] = summarize([1e3 * r["step_s"] / r["response_tokens"] for r in records])
+    return out
+
+
+def repeat_means(records: list[dict], key: str, cfg: StepBenchConfig) -> list[float]:
+    """Mean of ``key`` over each repeat's steps."""
+    return [
+        statistics.fmean(r[key] for r in records[i * cfg.steps : (i + 1) * cfg.steps])
+        for i in range(cfg.repeats)
+    ]
+
+
+def pairing(ours: list[dict], trl: list[dict], cfg: StepBenchConfig) -> dict:
+    """Ratios ours / TRL per repeat (step, each phase, step time per response token) and their spread."""
+    for records in (ours, trl):
+        for r in records:
+            r["s_per_response_token"] = r["step_s"] / r["response_tokens"]
+    out = {}
+    for key in ("step_s", "cpu_s", *(f"{p}_s" for p in PHASES if p != "sync"), "s_per_response_token"):
+        theirs = repeat_means(trl, key, cfg)
+        if all(t > 0 for t in theirs):
+            out[key] = spread([a / b for a, b in zip(repeat_means(ours, key, cfg), theirs, strict=True)])
+    return out
+
+
+def summarize_variant(raw: dict, cfg: StepBenchConfig) -> dict:
+    parameters = raw["task"].get("parameters", 0)
+    sides = {
+        side: side_summary(records, parameters, raw["gemm_flops"][raw["dtypes"][side]])
+        for side, records in raw["steps"].items()
+    }
+    ours = [s for s in sides if s.startswith("ours")]
+    trl = [s for s in sides if s.startswith("trl")]
+    pairings = {f"{a} / {b}": pairing(raw["steps"][a], raw["steps"][b], cfg) for a in ours for b in trl}
+    out = {
+        "task": raw["task"],
+        "dtypes": raw["dtypes"],
+        "gemm_flops": raw["gemm_flops"],
+        "sides": sides,
+        "pairings": pairings,
+        "update_check": raw["update_check"],
+        "missing": raw["missing"],
+    }
+    if ours and trl:
+        fastest = lambda names: min(names, key=lambda s: sides[s]["step_s"]["median"])  # noqa: E731
+        out["best"] = {"ours": fastest(ours), "trl": fastest(trl)}
+        out["best"]["pairing"] = f"{out['best']['ours']} / {out['best']['trl']}"
+    return out
+
+
+def run(cfg: StepBenchConfig | None = None) -> dict:
+    cfg = cfg or StepBenchConfig()
+    for index, variant in enumerate(cfg.variants):
+        length, dtype = parse_variant(variant)
+        if dtype == "best" and not any(v.startswith(f"{length}-") for v in cfg.variants[:index]):
+            raise ValueError(f"variant {variant!r} needs a {length}-float32 or -bfloat16 variant before it")
+    config = json.dumps(asdict(cfg))
+    result: dict = {"config": asdict(cfg), "flops_formula": FLOPS_FORMULA, "variants": {}, "missing": {}}
+    if "trl-vllm" in cfg.sides:
+        probe = child_json(
+            "benchmarks.grpo_step",
+            ["--probe", cfg.variants[0], "--config", config],
+            cfg.child_timeout_s,
+        )
+        result["trl_vllm_probe"] = probe
+        if "error" in probe:
+            reason = f"TRL vllm_mode='colocate' cannot run a step here: {probe['error']}"
         else:
-            trainer = trl_trainer(task, model_dir, tmp / "trl", cfg, callback=None)
+            reason = (
+                f"TRL vllm_mode='colocate' ran one step alone ({probe['step_s']:.1f} s), but not in the "
+                "alternating rotation: a second vLLM engine in one process can fail inside vLLM"
+            )
+        for variant in cfg.variants:
+            result["missing"][f"{variant}/trl-vllm"] = reason
+    for variant in cfg.variants:
+        length, dtype = parse_variant(variant)
+        sides = [s for s in cfg.sides if s != "trl-vllm"]
+        dtypes = (
+            best_dtypes(result["variants"], length, sides) if dtype == "best" else dict.fromkeys(sides, dtype)
+        )
+        raw = child_json(
+            "benchmarks.grpo_step",
+            ["--variant", variant, "--dtypes", json.dumps(dtypes), "--config", config],
+            cfg.child_timeout_s,
+        )
+        if "error" in raw:
+            for side in cfg.sides:
+                result["missing"].setdefault(f"{variant}/{side}", f"the variant failed: {raw['error']}")
+            continue
+        summary = summarize_variant(raw, cfg)
+        for side, reason in summary.pop("missing").items():
+            result["missing"][f"{variant}/{side}"] = reason
+        result["variants"][variant] = summary
+    if cfg.isolated_memory and have_trl():
+        variant = cfg.variants[0]
+        result["alone"] = {
+            side: child_json(
+                "benchmarks.grpo_step", ["--alone", side, variant, "--config", config], cfg.child_timeout_s
+            )
+            for side in ("ours-hf", "trl-hf")
+        }
+    return result
+
+
+def row_keys(result: dict) -> set[str]:
+    """The rows present: "variant/side" for every side with timed steps."""
+    return {f"{v}/{side}" for v, summary in result["variants"].items() for side in summary["sides"]}
+
+
+def alone(side: str, variant: str, cfg: StepBenchConfig) -> dict:
+    """One trainer alone for one step: RSS once it is built, and the peak RSS while it trains (sampled; the
+    kernel's ru_maxrss would also count the set-up: tokenizer training, data loading)."""
+    task = bench_task(cfg.size, seed=cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = save_model(task.model(), task.tokenizer, tmp / "model")
+        length, dtype = parse_variant(variant)
+        if side == "ours-hf":
+            trainer = our_trainer(task, model_dir, tmp / "ours", cfg, length, dtype, "hf")
+            with PeakRSS() as rss:
+                trainer.step()
+        else:
+            trainer = trl_trainer(task, model_dir, tmp / "trl", cfg, length, dtype, max_steps=1)
             with PeakRSS() as rss:
                 trainer.train()
     return {"rss_built_mb": rss.start / 2**20, "peak_rss_mb": rss.peak / 2**20}
 
 
-def run_alone(side: str, cfg: StepBenchConfig) -> dict:
-    """``alone`` in a fresh Python process (its result is the last line it prints)."""
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.grpo_step",
-        "--alone",
-        side,
-        "--config",
-        json.dumps(asdict(cfg)),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+# ----------------------------------------------------------------------------------------------- reporting
+
+
+def dtype_label(dtype: str, dtypes: dict[str, str]) -> str:
+    if dtype != "best":
+        return dtype
+    chosen = ", ".join(f"{side} {name}" for side, name in dtypes.items())
+    return f"each side in its faster dtype of the variants above ({chosen})"
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def print_result(result: dict) -> None:
+    for variant, summary in result["variants"].items():
+        gemm = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in summary["gemm_flops"].items())
+        print(f"-- {variant}: {summary['dtypes']}; GEMM GFLOP/s {gemm}")
+        sides = list(summary["sides"])
+        print(f"{'':22s}" + "".join(f"{s:>12s}" for s in sides))
+        keys = ("step_s", *(f"{p}_s" for p in PHASES), "response_tokens", "eos_rate", "cap_rate")
+        for key in (*keys, "ms_per_response_token"):
+            cells = [summary["sides"][s][key]["median"] for s in sides]
+            print(f"{key:22s}" + "".join(f"{c:12.3f}" for c in cells))
+        shares = [summary["sides"][s]["update_share_of_gemm_peak"] for s in sides]
+        print(f"{'update / GEMM peak':22s}" + "".join(f"{c:12.3f}" for c in shares))
+        for name, ratios in summary["pairings"].items():
+            step = ratios["step_s"]
+            print(
+                f"{name}: step ratio {step['median']:.3f} [{step['min']:.3f}, {step['max']:.3f}] "
+                f"{step['verdict']}"
+            )
+        if "best" in summary:
+            print(f"best: {summary['best']['pairing']}")
+    for row, reason in result["missing"].items():
+        print(f"missing {row}: {reason}")
+
+
+def markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = ["### GRPO step: ours vs TRL", ""]
+    task = next((s["task"] for s in result["variants"].values()), None)
+    if task:
+        lines += [
+            f"{task['model']}, {task['parameters'] / 1e6:.1f}M parameters, A.4 prompts of "
+            f"{task['prompt_tokens_mean']:.0f} tokens; {cfg['prompts_per_step']} prompts x "
+            f"{cfg['group_size']} samples = {task['samples_per_step']} per step, up to {cfg['max_new_tokens']} "
+            f"new tokens, AdamW lr {cfg['lr']}, clip {cfg['clip_eps']}, k3 KL {cfg['kl_coef']} (reference model "
+            f"on every side). Rounds of one step per side in rotating order; {cfg['warmup']} warm-up round(s), "
+            f"then {cfg['repeats']} repeats of {cfg['steps']} round(s). Per-step figures: median over the "
+            f"timed steps; ratios: ours / TRL per repeat, median [min, max], a tie when the spread crosses 1. "
+            f"Update FLOP/s counted as {result['flops_formula']}.",
+            "",
+        ]
+    for variant, summary in result["variants"].items():
+        length, dtype = parse_variant(variant)
+        sides = list(summary["sides"])
+        lines += [
+            f"#### {'fixed length (EOS suppressed on every side)' if length == 'fixed' else 'sampled length'}"
+            f", {dtype_label(dtype, summary['dtypes'])}",
+            "",
+            "GEMM rate measured in this process: "
+            + ", ".join(f"{v / 1e9:.0f} GFLOP/s ({k})" for k, v in summary["gemm_flops"].items())
+            + ".",
+            "",
+            "| per step | " + " | ".join(sides) + " |",
+            "| --- |" + " --- |" * len(sides),
+        ]
+        rows = [(f"{p} s", f"{p}_s", ".3g") for p in PHASES] + [
+            ("**total s**", "step_s", ".3g"),
+            ("CPU s (this process, all threads)", "cpu_s", ".3g"),
+            ("generated tokens", "response_tokens", ".0f"),
+            ("EOS rate", "eos_rate", ".2f"),
+            ("cap rate", "cap_rate", ".2f"),
+            ("ms per generated token (step)", "ms_per_response_token", ".1f"),
+        ]
+        for label, key, fmt in rows:
+            cells = [_cell(summary["sides"][s][key]["median"], fmt) for s in sides]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        cells = [
+            f"{summary['sides'][s]['update_flops']['median'] / 1e9:.1f} "
+            f"({100 * summary['sides'][s]['update_share_of_gemm_peak']:.0f} %)"
+            for s in sides
+        ]
+        lines.append("| update GFLOP/s (share of GEMM peak) | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "| ours / TRL | step | CPU time | generate | log-probs | update | per generated token |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, ratios in summary["pairings"].items():
+            cells = []
+            for key in ("step_s", "cpu_s", "generate_s", "logprob_s", "update_s", "s_per_response_token"):
+                r = ratios.get(key)
+                cells.append(
+                    "-" if r is None else f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] {r['verdict']}"
+                )
+            best = " (best vs best)" if summary.get("best", {}).get("pairing") == name else ""
+            lines.append(f"| {name}{best} | " + " | ".join(cells) + " |")
+        check = summary["update_check"]
+        same = all(
+            c["optimizer_steps_per_grpo_step"] == 1 and c["max_weight_change"] > 0 for c in check.values()
+        )
+        lines += ["", f"One optimizer step per GRPO step and changed weights on every side: {same}.", ""]
+        if "best" in summary:
+            step = summary["pairings"][summary["best"]["pairing"]]["step_s"]
+            target = cfg["target_ratio"]
+            verdict = (
+                "met"
+                if step["max"] <= target
+                else ("met on the median" if step["median"] <= target else "**missed**")
+            )
+            lines += [
+                f"Best vs best ({summary['best']['pairing']}): {step['median']:.2f} "
+                f"[{step['min']:.2f}, {step['max']:.2f}]; target <= {target}: {verdict}.",
+                "",
+            ]
+    alone_rows = result.get("alone", {})
+    if alone_rows and all("error" not in a for a in alone_rows.values()):
+        ours, theirs = alone_rows["ours-hf"], alone_rows["trl-hf"]
+        lines += [
+            f"Peak RSS while training, each alone in a fresh process ({cfg['variants'][0]}, one step): ours-hf "
+            f"{ours['peak_rss_mb']:.0f} MB, trl-hf {theirs['peak_rss_mb']:.0f} MB "
+            f"({ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}).",
+            "",
+        ]
+    for row, reason in result["missing"].items():
+        lines.append(f"- missing {row}: {reason}")
+    return "\n".join(lines).rstrip()
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the small configuration the smoke test runs")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
-    parser.add_argument(
-        "--alone", choices=("ours", "trl"), help="internal: one trainer alone, memory as JSON"
-    )
-    parser.add_argument("--config", help="internal: the StepBenchConfig for --alone, as JSON")
+    internal = parser.add_mutually_exclusive_group()
+    internal.add_argument("--variant", help="internal: run one variant, raw steps as JSON")
+    internal.add_argument("--probe", metavar="VARIANT", help="internal: TRL with vLLM alone, one step")
+    internal.add_argument("--alone", nargs=2, metavar=("SIDE", "VARIANT"), help="internal: memory alone")
+    parser.add_argument("--dtypes", help="internal: with --variant, each side's dtype, as JSON")
+    parser.add_argument("--config", help="internal: the StepBenchConfig, as JSON")
     args = parser.parse_args(argv)
-    if args.alone:
-        result = alone(args.alone, StepBenchConfig(**json.loads(args.config)))
-        print(json.dumps(result))
-        return result
-    result = run(QUICK if args.quick else StepBenchConfig())
+    cfg = QUICK if args.quick else StepBenchConfig()
+    if args.config:
+        values = json.loads(args.config)
+        cfg = replace(
+            StepBenchConfig(), **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        )
+    for internal_run, fn in (
+        (args.variant, lambda: run_variant(cfg, args.variant, json.loads(args.dtypes))),
+        (args.probe, lambda: probe_trl_vllm(cfg, *parse_variant(args.probe))),
+        (args.alone, lambda: alone(args.alone[0], args.alone[1], cfg)),
+    ):
+        if internal_run:
+            result = fn()
+            print(json.dumps(result))
+            return result
+    result = run(cfg)
     print_result(result)
     return write_result(result, args.out)
 
 
 if __name__ == "__main__":
     main()
-
-
-def markdown(result: dict) -> str:
-    cfg, task = result["config"], result["task"]
-    lines = [
-        "### GRPO step: ours vs TRL",
-        "",
-        f"{task['model']}, {task['parameters'] / 1e6:.1f}M parameters, A.4 prompts of "
-        f"{task['prompt_tokens_mean']:.0f} tokens; {cfg['prompts_per_step']} prompts x {cfg['group_size']} "
-        f"samples, up to {cfg['max_new_tokens']} new tokens, AdamW lr {cfg['lr']}, clip {cfg['clip_eps']}, "
-        f"k3 KL {cfg['kl_coef']} (reference model on both sides); median of {cfg['steps']} alternating steps "
-        f"after {cfg['warmup']} warm-up.",
-        "",
-        "| per step | ours | TRL | ours / TRL |",
-        "| --- | --- | --- | --- |",
-    ]
-    rows = [(f"{p} s", f"{p}_s") for p in PHASES] + [
-        ("**total s**", "step_s"),
-        ("tokens/s (prompt + response)", "tokens_per_s"),
-    ]
-    trl = result.get("trl", {})
-    for label, key in rows:
-        ours = result["ours"][key]["median"]
-        theirs = trl.get(key, {}).get("median") if key in trl else None
-        ratio = f"{ours / theirs:.2f}" if theirs else "-"
-        lines.append(f"| {label} | {ours:.3g} | {'-' if theirs is None else f'{theirs:.3g}'} | {ratio} |")
-    alone = result.get("alone", {})
-    if alone:
-        cells = [alone.get(side) for side in ("ours", "trl")]
-        for label, key in (
-            ("RSS once built, alone MB", "rss_built_mb"),
-            ("**peak RSS while training, alone MB**", "peak_rss_mb"),
-        ):
-            ours, theirs = (None if c is None else c[key] for c in cells)
-            ratio = f"{ours / theirs:.2f}" if theirs else "-"
-            lines.append(f"| {label} | {ours:.0f} | {'-' if theirs is None else f'{theirs:.0f}'} | {ratio} |")
-    check = result["update_check"]
-    if "trl" in check:
-        verdict = "met" if result["ratio_ours_over_trl"]["step_time"] < 1 else "**missed**"
-        lines += [
-            "",
-            f"Same update on both sides: {check['same_update']} (optimizer steps per GRPO step "
-            f"{check['ours']['optimizer_steps_per_grpo_step']:g} vs {check['trl']['optimizer_steps_per_grpo_step']:g}, "
-            f"generations per step {check['ours']['generations_per_grpo_step']:g} vs "
-            f"{check['trl']['generations_per_grpo_step']:g}; ours {check['ours']['loss']}, TRL {check['trl']['loss']}). "
-            f"Target (our step faster than TRL's): {verdict}.",
-        ]
-    else:
-        lines += ["", result["note"]]
-    return "\n".join(lines)

@@ -37,6 +37,7 @@ from rewards.ehull import EHullReward
 from rewards.penalties import PenaltyReward
 
 ATOM_BINS = ((1, 4), (5, 8), (9, 12), (13, 20))
+RELAXERS = ("chgnet", "sevenn")
 
 
 @dataclass
@@ -75,7 +76,7 @@ def load_texts(split: str, data_dir: str | None, limit: int | None) -> list[tupl
 
 def relaxation_rows(structures: list, cfg: RewardBenchConfig) -> list[dict]:
     """Seconds and optimizer steps per relaxed structure, per available relaxer."""
-    names = ["chgnet"] + (["sevenn"] if importlib.util.find_spec("sevenn") else [])
+    names = [name for name in RELAXERS if importlib.util.find_spec(name)]
     config = RelaxConfig(max_steps=cfg.relax_steps)
     rows = []
     for name in names:
@@ -123,10 +124,11 @@ def run(cfg: RewardBenchConfig | None = None) -> dict:
     out["chgnet_batched_over_one"] = sweep[cfg.batch_size] / sweep[1]
     out["target_batched_over_one"] = 3.0
 
-    by_atoms = []
+    by_atoms, missing = [], {}
     for low, high in ATOM_BINS:
         picked = [(m, t, k) for m, t, k in pool if low <= k <= high][: cfg.per_atom_bin]
         if not picked:
+            missing[f"chgnet-atoms/{low}-{high}"] = f"no test structure with {low}-{high} atoms"
             continue
         reward = CrystalTextReward(CHGNetEnergyReward(batch_size=cfg.batch_size, device=cfg.device))
         per_s = rate(reward, [m for m, _, _ in picked], [t for _, t, _ in picked])
@@ -148,7 +150,18 @@ def run(cfg: RewardBenchConfig | None = None) -> dict:
 
     structures = [r.structure for r in iter_split("test", cfg.data_dir, limit=cfg.relax_n)]
     out["relaxation"] = relaxation_rows(structures, cfg)
+    missing |= {
+        f"relax/{name}": f"{name} not installed" for name in RELAXERS if not importlib.util.find_spec(name)
+    }
+    out["missing"] = missing
     return out
+
+
+def row_keys(result: dict) -> set[str]:
+    """The rows present: each CHGNet batch size, the parse, E_hull and atom-bin rows, each relaxer."""
+    keys = {"parse", "ehull", *(f"chgnet/{b}" for b in result["chgnet_per_s_by_batch"])}
+    keys |= {f"chgnet-atoms/{row['atoms']}" for row in result["chgnet_batched_by_atoms"]}
+    return keys | {f"relax/{row['relaxer']}" for row in result["relaxation"]}
 
 
 def print_result(result: dict) -> None:
@@ -239,4 +252,5 @@ def markdown(result: dict) -> str:
             f"| {row['relaxer']} ({row['structures']} structures, {row['atoms_mean']:.1f} atoms) | "
             f"{row['s_per_structure']:.2f} | {row['steps_per_structure']:.0f} | {row['ms_per_step']:.0f} |"
         )
+    lines += [f"- missing {row}: {reason}" for row, reason in result["missing"].items()]
     return "\n".join(lines)

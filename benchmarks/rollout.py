@@ -1,9 +1,17 @@
 """Rollout throughput: generated tokens/s and samples/s of the HF generator (and of the vLLM generator when
-``grpo.vllm_generator`` is importable), swept over the number of samples per call.
+``grpo.vllm_generator`` is importable), swept over the number of samples per call; and the cost of each
+constrained-decoding mode (grpo.constraint with crystals.grammar's grammars) at one batch size.
 
 Each call samples ``batch`` responses (``batch / group`` prompts x ``group`` samples) of at most
 ``max_new_tokens`` tokens from the same tiny model and A.4 prompts; one warm-up call, then ``repeats`` timed
 calls (the median is reported). Only sampled response tokens count as generated tokens.
+
+Constraints: the same call at ``constraint_batch`` samples under each mode of ``constraints`` (the grammar of
+``structure_grammar(mode, prompt formula)`` per prompt), modes alternating within each repeat (forwards, then
+backwards) so they share the machine's load. A grammar ends responses where it may, so the modes generate
+different numbers of tokens; the overhead is therefore per unit of decoding work: HF decodes every row until
+the longest is done (rows x decoding steps, finished rows padded), vLLM only the real tokens. Overhead =
+rate(none) / rate(mode) - 1 (target <= 0.15 at batch 32).
 
     python -m benchmarks.rollout [--quick] [--out FILE.json]
 """
@@ -24,6 +32,7 @@ from benchmarks.common import (
     summarize,
     vllm_unavailable,
 )
+from crystals.grammar import structure_grammar
 from grpo.generation import HFGenerator, SamplingConfig
 from grpo.models import save_model
 
@@ -36,9 +45,14 @@ class RolloutBenchConfig:
     repeats: int = 3
     size: str = "tiny"
     seed: int = 0
+    constraints: tuple[str, ...] = ("none", "format", "elements", "formula")
+    constraint_batch: int = 32
+    target_overhead: float = 0.15
 
 
-QUICK = RolloutBenchConfig(batch_sizes=(1, 4), max_new_tokens=8, repeats=1)
+QUICK = RolloutBenchConfig(
+    batch_sizes=(1, 4), max_new_tokens=8, repeats=1, constraints=("none", "formula"), constraint_batch=4
+)
 
 
 def time_generator(generator, task: BenchTask, batch: int, cfg: RolloutBenchConfig) -> dict:
@@ -66,32 +80,93 @@ def time_generator(generator, task: BenchTask, batch: int, cfg: RolloutBenchConf
     }
 
 
+def time_constraints(generator, kind: str, task: BenchTask, cfg: RolloutBenchConfig) -> list[dict]:
+    """One row per constraint mode at ``constraint_batch`` samples: tokens/s, decoding work/s and the overhead
+    over "none" (see the module docstring)."""
+    group = min(cfg.group_size, cfg.constraint_batch)
+    prompts = task.prompts[: max(1, cfg.constraint_batch // group)]
+    specs = {
+        mode: None if mode == "none" else [structure_grammar(mode, p.meta["formula"]) for p in prompts]
+        for mode in cfg.constraints
+    }
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    texts = [p.text for p in prompts]
+    for mode in cfg.constraints:  # warm-up, and each grammar compiled once outside the timing
+        generator.generate(texts, group, sampling, specs[mode])
+    seconds: dict[str, list[float]] = {mode: [] for mode in cfg.constraints}
+    tokens: dict[str, list[int]] = {mode: [] for mode in cfg.constraints}
+    work: dict[str, list[int]] = {mode: [] for mode in cfg.constraints}
+    for repeat in range(cfg.repeats):
+        order = cfg.constraints if repeat % 2 == 0 else cfg.constraints[::-1]
+        for mode in order:
+            start = time.perf_counter()
+            rollout = generator.generate(texts, group, sampling, specs[mode])
+            seconds[mode].append(time.perf_counter() - start)
+            tokens[mode].append(int(rollout.response_mask.sum()))
+            # HF decodes every row for the batch's longest response; vLLM only each response's own tokens
+            work[mode].append(rollout.response_ids.numel() if kind == "hf" else tokens[mode][-1])
+    rows = []
+    for mode in cfg.constraints:
+        rows.append(
+            {
+                "generator": kind,
+                "constraint": mode,
+                "batch": len(prompts) * group,
+                "seconds": summarize(seconds[mode]),
+                "tokens_per_s": sum(tokens[mode]) / sum(seconds[mode]),
+                "work_per_s": sum(work[mode]) / sum(seconds[mode]),
+                "response_tokens_mean": sum(tokens[mode]) / len(tokens[mode]) / (len(prompts) * group),
+            }
+        )
+    base = next((r["work_per_s"] for r in rows if r["constraint"] == "none"), None)
+    for r in rows:
+        if base is not None:
+            r["overhead"] = base / r["work_per_s"] - 1
+    return rows
+
+
 def run(cfg: RolloutBenchConfig | None = None) -> dict:
     cfg = cfg or RolloutBenchConfig()
     task = bench_task(cfg.size)
     model = task.model().eval()
-    rows = []
+    rows, constrained = [], []
     for batch in cfg.batch_sizes:
         hf = HFGenerator(model, task.tokenizer, batch_size=batch)
         rows.append({"generator": "hf", **time_generator(hf, task, batch, cfg)})
-    note = vllm_unavailable()
-    if note is None:
+    hf = HFGenerator(model, task.tokenizer, batch_size=cfg.constraint_batch)
+    constrained += time_constraints(hf, "hf", task, cfg)
+    missing = {}
+    reason = vllm_unavailable()
+    if reason is None:
         with tempfile.TemporaryDirectory() as tmp:
             vllm = build_vllm_generator("colocated", save_model(model, task.tokenizer, tmp), task.tokenizer)
             for batch in cfg.batch_sizes:
                 rows.append({"generator": "vllm", **time_generator(vllm, task, batch, cfg)})
+            constrained += time_constraints(vllm, "vllm", task, cfg)
             del vllm
         hf_rate = {r["batch"]: r["tokens_per_s"] for r in rows if r["generator"] == "hf"}
         for r in rows:
             if r["generator"] == "vllm":
                 r["ratio_vs_hf"] = r["tokens_per_s"] / hf_rate[r["batch"]]
         note = "target: vLLM faster than HF at batch >= 32"
+    else:
+        note = reason
+        missing = {f"vllm/{b}": reason for b in cfg.batch_sizes}
+        missing |= {f"constraint/vllm/{mode}": reason for mode in cfg.constraints}
     return {
         "config": asdict(cfg),
         "task": task.describe(model),
         "rows": rows,
+        "constraint_rows": constrained,
+        "missing": missing,
         "note": note,
     }
+
+
+def row_keys(result: dict) -> set[str]:
+    """The rows present: "generator/batch" and "constraint/generator/mode"."""
+    keys = {f"{r['generator']}/{r['batch']}" for r in result["rows"]}
+    return keys | {f"constraint/{r['generator']}/{r['constraint']}" for r in result["constraint_rows"]}
 
 
 def print_result(result: dict) -> None:
@@ -100,6 +175,12 @@ def print_result(result: dict) -> None:
         print(
             f"{r['generator']:9s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {r['samples_per_s']:9.2f} "
             f"{r['seconds']['median']:7.2f} {r['peak_rss_growth_mb']:8.1f}"
+        )
+    for r in result["constraint_rows"]:
+        overhead = f"{100 * r['overhead']:+.0f} %" if "overhead" in r else "-"
+        print(
+            f"{r['generator']:5s} {r['constraint']:9s} batch {r['batch']:3d} {r['tokens_per_s']:9.1f} tokens/s "
+            f"{r['work_per_s']:9.1f} decoded/s  overhead {overhead}"
         )
     if result["note"]:
         print(f"note: {result['note']}")
@@ -137,4 +218,30 @@ def markdown(result: dict) -> str:
         lines += ["", f"vLLM / HF tokens/s at batch >= 32: {min(big):.1f}x or more (target > 1: {verdict})."]
     elif result["note"]:
         lines += ["", result["note"]]
+    if result["constraint_rows"]:
+        lines += [
+            "",
+            f"Constrained decoding at batch {cfg['constraint_batch']} (grammar per prompt from "
+            "crystals.grammar.structure_grammar; modes alternating; overhead = decoding work/s without a "
+            "constraint over with it, minus 1: HF decodes rows x steps, vLLM real tokens):",
+            "",
+            "| generator | constraint | tokens/s | decoding work/s | tokens per response | overhead |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in result["constraint_rows"]:
+            overhead = f"{100 * r['overhead']:+.1f} %" if "overhead" in r else "-"
+            lines.append(
+                f"| {r['generator']} | {r['constraint']} | {r['tokens_per_s']:.1f} | {r['work_per_s']:.1f} | "
+                f"{r['response_tokens_mean']:.1f} | {overhead} |"
+            )
+        worst = max((r["overhead"] for r in result["constraint_rows"] if "overhead" in r), default=None)
+        if worst is not None:
+            verdict = "met" if worst <= cfg["target_overhead"] else "**missed**"
+            lines += [
+                "",
+                f"Largest overhead {100 * worst:.1f} % (target <= {100 * cfg['target_overhead']:.0f} %: "
+                f"{verdict}).",
+            ]
+    for row, reason in result.get("missing", {}).items():
+        lines.append(f"- missing {row}: {reason}")
     return "\n".join(lines)

@@ -2,10 +2,12 @@
 
     python -m benchmarks.run [NAME ...] [--quick] [--out DIR]
 
-Names: grpo_step (ours vs TRL), rollout (HF vs vLLM generation), reward (parse, CHGNet, E_hull, relaxation),
-weight_sync (trainer -> vLLM). ``--quick`` runs the small configurations (under 3 minutes on 2 cores; the
-smoke test runs it); the default configurations take 15-30 minutes on 2 CPU cores. Targets are reported,
-never asserted: a missed target is marked in the table.
+Names: grpo_step (ours vs TRL, each with HF and vLLM generation), rollout (HF vs vLLM generation, and the
+cost of each constraint), reward (parse, CHGNet, E_hull, relaxation), weight_sync (trainer -> vLLM, in process
+and to a worker, as a share of our step). ``--quick`` runs the small configurations (about 4 minutes on 2
+cores; the smoke test runs it); the default configurations take about 2 hours on 2 loaded CPU cores (most of
+it the step benchmark's HF generate). Targets are reported, never asserted: a missed target is marked in the
+table, and a row that could not run is listed as missing, with the reason.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def run_benchmarks(
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
-    parser.add_argument("--quick", action="store_true", help="small configurations, under 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="small configurations, about 4 minutes")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="output directory (default ./bench)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     args = parser.parse_args(argv)

@@ -35,6 +35,17 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :vocab_size].bool()
 
 
+def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:
+    """bool [..., V] -> packed int32 [..., ceil(V / 32)] (the inverse of ``unpack_bitmask``; bits past V set,
+    as xgrammar leaves them: ``unpack_bitmask`` never reads them)."""
+    words = (allowed.shape[-1] + BITS - 1) // BITS
+    padded = torch.ones((*allowed.shape[:-1], words * BITS), dtype=torch.bool, device=allowed.device)
+    padded[..., : allowed.shape[-1]] = allowed
+    weights = torch.tensor([1 << b for b in range(BITS)], dtype=torch.int64, device=allowed.device)
+    packed = (padded.view(*allowed.shape[:-1], words, BITS).long() * weights).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # two's complement
+
+
 @dataclass
 class TokenMasks:
     """The allowed tokens at every response position of a rollout: row i, position t may take the tokens of
@@ -173,6 +184,20 @@ class ConstraintLogitsProcessor(LogitsProcessor):
             steps = torch.tensor(self.steps[:length], dtype=torch.long).T
             index[:, : steps.shape[1]] = steps
         return TokenMasks(index, self.table.tensor(), self.constraint.vocab_size)
+
+
+def min_length_masks(
+    rows: int, length: int, min_new_tokens: int, stop_token_ids: Sequence[int], vocab_size: int
+) -> TokenMasks:
+    """The masks of responses that may not end before ``min_new_tokens`` tokens (a sampler's minimum length):
+    every token but the stop tokens at positions below it, every token from there on."""
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[list(stop_token_ids)] = False
+    no_stop = pack_bitmask(allowed)
+    table = _MaskTable(no_stop.shape[-1])
+    index = torch.zeros((rows, length), dtype=torch.long)
+    index[:, : min(min_new_tokens, length)] = table.add(no_stop)
+    return TokenMasks(index, table.tensor(), vocab_size)
 
 
 def concat_masks(

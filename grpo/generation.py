@@ -15,7 +15,14 @@ from typing import Literal, Protocol
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
-from grpo.constraint import ConstraintLogitsProcessor, GrammarConstraint, TokenMasks, concat_masks
+from grpo.constraint import (
+    ConstraintLogitsProcessor,
+    GrammarConstraint,
+    TokenMasks,
+    concat_masks,
+    min_length_masks,
+)
+from grpo.precision import compute_context
 
 
 @dataclass
@@ -23,7 +30,17 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    # no stop token before this many tokens (0: none); the rollout then carries masks without the stop tokens
+    # there, so the trainer scores the distribution that sampled. Not with a constraint: its grammar decides
+    # where a response may end.
+    min_new_tokens: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+            )
 
 
 @dataclass
@@ -45,7 +62,12 @@ class GeneratorConfig:
     gpu_memory_utilization: float = 0.3  # colocated on a GPU, the trainer needs the rest
     cpu_kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
     sleep_mode: bool | None = None  # None: on when CUDA is available (vLLM's CPU worker has no sleep mode)
-    bucket_mb: float = 64.0  # vllm-server: size of one broadcast bucket
+    # vllm-server: how a sync reaches the worker. "shared_memory": the trainer copies its weights into one
+    # flat buffer per dtype that both processes map (allocated once), the worker reloads from views of it;
+    # "broadcast": buckets over the private process group (gloo on CPU, NCCL on GPU); "auto": shared memory
+    # on CPU (same host, same memory), broadcast on GPU.
+    sync_transport: Literal["auto", "shared_memory", "broadcast"] = "auto"
+    bucket_mb: float = 64.0  # vllm-server, broadcast: size of one bucket
     worker_timeout_s: float = 600.0  # vllm-server: longest wait for the worker (start, a generate, a sync)
 
     def __post_init__(self) -> None:
@@ -135,6 +157,21 @@ def output_vocab_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
+def check_min_length(sampling: SamplingConfig, constraints: Sequence[str | None] | None) -> None:
+    """A minimum length and a constraint together are refused: the grammar decides where a response may end."""
+    if sampling.min_new_tokens and constraints is not None and any(s is not None for s in constraints):
+        raise ValueError("min_new_tokens with a constraint: the grammar decides where a response may end")
+
+
+def length_masks(
+    sampling: SamplingConfig, rows: int, length: int, stop_token_ids: Sequence[int], vocab_size: int
+) -> TokenMasks | None:
+    """The masks a sampler's minimum length imposed on `rows` responses of `length` tokens (None without one)."""
+    if not sampling.min_new_tokens:
+        return None
+    return min_length_masks(rows, length, sampling.min_new_tokens, stop_token_ids, vocab_size)
+
+
 def response_mask_from_eos(
     response_ids: torch.Tensor, eos_token_ids: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +194,10 @@ class HFGenerator:
         batch_size: int = 64,
         max_prompt_tokens: int = 1024,
         synced_gpus: bool = False,
+        compute_dtype: torch.dtype = torch.float32,
     ):
+        """`compute_dtype`: what sampling multiplies in (bfloat16 over float32 weights: autocast around the whole
+        generate call, grpo.precision), as the trainer's log-prob passes should, so both see one policy."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -170,6 +210,7 @@ class HFGenerator:
         eos = tokenizer.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
         self._constraint: GrammarConstraint | None = None
+        self.compute = compute_context(model, compute_dtype)
 
     def constraint(self) -> GrammarConstraint:
         """The grammar compiler for this tokenizer and model (built on first use)."""
@@ -204,6 +245,7 @@ class HFGenerator:
         # row r belongs to prompt r // n
         row_specs = [spec for spec in constraints for _ in range(n)] if constraints is not None else None
         constrained = row_specs is not None and any(spec is not None for spec in row_specs)
+        check_min_length(sampling, constraints)
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -219,7 +261,7 @@ class HFGenerator:
         model_defaults, self.model.generation_config = self.model.generation_config, GenerationConfig()
         try:
             # A private RNG stream per call keeps sampling reproducible without disturbing the global state.
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), self.compute():
                 torch.manual_seed(sampling.seed)
                 for start in range(0, prompt_ids.shape[0], self.batch_size):
                     ids = prompt_ids[start : start + self.batch_size].to(device)
@@ -233,6 +275,7 @@ class HFGenerator:
                         attention_mask=mask,
                         **mode,
                         max_new_tokens=sampling.max_new_tokens,
+                        min_new_tokens=sampling.min_new_tokens or None,
                         eos_token_id=self.eos_token_ids,
                         pad_token_id=tokenizer.pad_token_id,
                         use_cache=True,
@@ -255,6 +298,11 @@ class HFGenerator:
         )
         response_mask, truncated = response_mask_from_eos(response_ids, self.eos_token_ids)
         response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+        if constrained:
+            masks = concat_masks(chunk_masks, width)
+        else:
+            vocab = output_vocab_size(self.model)
+            masks = length_masks(sampling, len(response_ids), width, self.eos_token_ids, vocab)
         return Rollout(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -262,12 +310,19 @@ class HFGenerator:
             response_mask=response_mask,
             truncated=truncated,
             weight_version=self.weight_version,
-            masks=concat_masks(chunk_masks, width) if constrained else None,
+            masks=masks,
         )
 
 
-def build_generator(config: GeneratorConfig, model, tokenizer, weights_dir: str | Path) -> Generator:
-    """The rollout engine a config names. A vLLM engine starts from the model's current weights, saved once to
+def build_generator(
+    config: GeneratorConfig,
+    model,
+    tokenizer,
+    weights_dir: str | Path,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Generator:
+    """The rollout engine a config names; `compute_dtype` is what the HF generator samples in (the trainer's,
+    see grpo.precision; a vLLM engine has its own `dtype`). A vLLM engine starts from the model's current weights, saved once to
     `weights_dir` (so a resumed run samples from the resumed model); the trainer syncs it after every update.
     A worker process's sync group follows the model's device (NCCL from a GPU, see grpo.vllm_generator).
 
@@ -276,7 +331,11 @@ def build_generator(config: GeneratorConfig, model, tokenizer, weights_dir: str 
     Collective then: every rank calls it (the starting weights are gathered to rank 0)."""
     if config.kind == "hf":
         return HFGenerator(
-            model, tokenizer, batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens
+            model,
+            tokenizer,
+            batch_size=config.batch_size,
+            max_prompt_tokens=config.max_prompt_tokens,
+            compute_dtype=compute_dtype,
         )
     from grpo.distributed import is_main, save_pretrained_full, world_size
     from grpo.models import save_model

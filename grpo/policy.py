@@ -34,9 +34,13 @@ def response_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
     masks: TokenMasks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(y_t | x, y_<t) for every response position, [N, R] (and the entropy of each next-token distribution).
+
+    ``entropy_grad=False`` computes the entropy without an autograd graph: a value to log, not to train on (its
+    softmax over the vocabulary would otherwise be kept for backward, [N, R, vocab] floats, for nothing).
 
     Logits are divided by the sampling temperature so the log-probabilities are those of the distribution the
     responses were drawn from. They stay in the model's dtype: `token_logprobs` upcasts chunk by chunk, so no
@@ -55,24 +59,28 @@ def response_logprobs(
     input_ids, attention_mask, position_ids = concat_prompt_response(
         prompt_ids, prompt_mask, response_ids, response_mask
     )
-    response_len = response_ids.shape[1]
-    # The logit at position t predicts token t+1, so the response is scored by the last R+1 positions but one.
-    # Asking the model for only those logits skips the [N, prompt_len, vocab] projection of the prompt.
-    logits = model(
+    response_len, total_len = response_ids.shape[1], input_ids.shape[1]
+    # The logit at position t predicts token t+1, so the response is scored by positions L-R-1 ... L-2 (the last
+    # prompt token up to the response's last token but one). Asking the model for exactly those R logits skips
+    # the [N, prompt_len, vocab] projection of the prompt and the one after the last token.
+    scored = torch.arange(total_len - response_len - 1, total_len - 1, device=device)
+    response_logits = model(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         position_ids=position_ids.to(device),
         use_cache=False,
-        logits_to_keep=response_len + 1,
+        logits_to_keep=scored,
     ).logits
-    response_logits = logits[:, :response_len]
     if temperature != 1.0:
         response_logits = response_logits / temperature
     if masks is not None:
         allowed = masks.allowed(device)
         response_logits = response_logits.masked_fill(~allowed, torch.finfo(response_logits.dtype).min)
     logprobs = token_logprobs(response_logits, response_ids.to(device))
-    entropy = entropy_from_logits(response_logits) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(response_logits if entropy_grad else response_logits.detach())
     return logprobs, entropy
 
 

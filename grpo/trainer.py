@@ -122,6 +122,9 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1024
+    # No end-of-sequence before this many tokens (0: off); the log-probs are then those of the sampler, which
+    # could not stop there. max_new_tokens as well: every response has the same length (a fixed-work benchmark).
+    min_new_tokens: int = 0
     # Rollouts older than this many weight updates are refused (0: strictly on-policy)
     max_weight_lag: int = 0
     # Truncated importance sampling: when the generator returns its own log-probs (vLLM), weight each token's
@@ -285,6 +288,7 @@ class GRPOTrainer:
             temperature=config.temperature,
             top_p=config.top_p,
             max_new_tokens=config.max_new_tokens,
+            min_new_tokens=config.min_new_tokens,
             seed=config.seed,
         )
 
@@ -507,7 +511,8 @@ class GRPOTrainer:
                             rollout.response_ids[rows],
                             rollout.response_mask[rows],
                             temperature=cfg.temperature,
-                            with_entropy=True,
+                            with_entropy=True,  # logged every step
+                            entropy_grad=cfg.entropy_coef != 0,  # a graph only when the loss uses it
                             masks=rollout.masks.rows(rows) if rollout.masks is not None else None,
                         )
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[rows].to(device)

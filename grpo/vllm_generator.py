@@ -6,12 +6,18 @@ Two ways to run the engine, both implementing the ``Generator`` protocol of grpo
   ``load_weights(model, version)``, which streams the parameters into vLLM's in-place reload
   (``collective_rpc("reload_weights")``) by reference: no copy, no serialisation. On a GPU the engine sleeps
   (weights offloaded, KV cache freed) while the trainer trains.
-* ``VLLMServerGenerator`` (server): the engine lives in a separate worker process. Trainer (rank 0) and worker
-  (rank 1) share a private two-rank process group (gloo on CPU; NCCL on GPUs when the worker has a GPU of its
-  own, see ``worker_placement``); a sync broadcasts the parameters in
-  buckets (one flat buffer of several tensors up to ``bucket_mb``) and the worker feeds each bucket to the same
-  in-place reload as it arrives, so neither side ever holds a second full copy of the model. Prompts and results
-  travel over a pipe.
+* ``VLLMServerGenerator`` (server): the engine lives in a separate worker process and reloads from the same
+  in-place reload; prompts and results travel over a pipe. A sync reaches it one of two ways
+  (``GeneratorConfig.sync_transport``):
+  - shared memory (CPU): one flat buffer per dtype, mapped by both processes, allocated once at the first sync
+    with the layout (name, dtype, offset, shape of every tensor). A sync is one copy of each tensor into its
+    slot and a message; the worker reloads from views of the buffer. The buffer is a second copy of the model
+    in host memory (shared, so counted once).
+  - broadcast (GPU, NCCL; or gloo on CPU): trainer (rank 0) and worker (rank 1) share a private two-rank
+    process group (NCCL when the worker has a GPU of its own, see ``worker_placement``); the
+    parameters go in buckets (one flat buffer of several tensors up to ``bucket_mb``,
+    planned once per layout) and the worker feeds each bucket to the reload as it arrives, so neither side ever
+    holds a second full copy of the model.
 
 Prompts reach vLLM as token ids encoded by the trainer's tokenizer (``TokensPrompt``) and the engine stops on
 explicit stop token ids. vLLM still loads a tokenizer, which its structured outputs need: from a folder holding
@@ -52,7 +58,14 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from grpo.constraint import GrammarConstraint
-from grpo.generation import GeneratorConfig, Rollout, SamplingConfig, response_mask_from_eos
+from grpo.generation import (
+    GeneratorConfig,
+    Rollout,
+    SamplingConfig,
+    check_min_length,
+    length_masks,
+    response_mask_from_eos,
+)
 
 INSTALL_HINT = (
     "the vLLM generator needs the `vllm` extra: pip install -e '.[vllm]' "
@@ -153,6 +166,7 @@ def _sampling_params(
         temperature=0.0 if greedy else sampling.temperature,
         top_p=1.0 if greedy else sampling.top_p,
         max_tokens=sampling.max_new_tokens,
+        min_tokens=sampling.min_new_tokens,  # no stop token before (as HF's min_new_tokens)
         seed=seed,  # vLLM seeds the n samples of a request with seed, seed + 1, ...
         stop_token_ids=stop_ids,
         logprobs=0,  # the sampled token's log-probability only
@@ -241,8 +255,16 @@ class _EngineRollouts:
     def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return encode_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens)
 
+    def _vocab_size(self) -> int:
+        return AutoConfig.from_pretrained(self.model_path).vocab_size
+
     def _rollout(
-        self, prompt_ids: list[list[int]], samples, n: int, constraints: Sequence[str | None] | None
+        self,
+        prompt_ids: list[list[int]],
+        samples,
+        n: int,
+        sampling: SamplingConfig,
+        constraints: Sequence[str | None] | None,
     ) -> Rollout:
         rollout = build_rollout(
             prompt_ids,
@@ -254,10 +276,12 @@ class _EngineRollouts:
         )
         if constraints is not None and any(spec is not None for spec in constraints):
             if self._constraint is None:
-                vocab_size = AutoConfig.from_pretrained(self.model_path).vocab_size
-                self._constraint = GrammarConstraint(self.tokenizer, vocab_size, self.eos_token_ids)
+                self._constraint = GrammarConstraint(self.tokenizer, self._vocab_size(), self.eos_token_ids)
             row_specs = [spec for spec in constraints for _ in range(n)]
             rollout.masks = self._constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
+        elif sampling.min_new_tokens:
+            rows, length = rollout.response_ids.shape
+            rollout.masks = length_masks(sampling, rows, length, self.eos_token_ids, self._vocab_size())
         return rollout
 
 
@@ -310,13 +334,14 @@ class VLLMGenerator(_EngineRollouts):
         sampling: SamplingConfig,
         constraints: Sequence[str | None] | None = None,
     ) -> Rollout:
+        check_min_length(sampling, constraints)
         prompt_ids = self._encode(prompts)
         self._wake()
         try:
             samples = _sample(self.llm, prompt_ids, n, sampling, self.eos_token_ids, constraints)
         finally:
             self._sleep()
-        return self._rollout(prompt_ids, samples, n, constraints)
+        return self._rollout(prompt_ids, samples, n, sampling, constraints)
 
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module, version: int) -> None:
@@ -376,6 +401,51 @@ def plan_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int)
     if entries:
         buckets.append(_Bucket(dtype, tuple(entries)))
     return buckets
+
+
+def weight_layout(weights: Iterable[tuple[str, torch.Tensor]]) -> tuple[tuple[str, torch.dtype, tuple], ...]:
+    """(name, dtype, shape) of every tensor, in order: what a sync's buffers are planned for (a model whose
+    layout changes gets new ones)."""
+    return tuple((name, tensor.dtype, tuple(tensor.shape)) for name, tensor in weights)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str
+    dtype: torch.dtype
+    offset: int
+    shape: tuple[int, ...]
+
+
+class SharedWeights:
+    """One flat shared-memory buffer per dtype holding every tensor of a layout, and each tensor's slot.
+
+    Built by the trainer, pickled to the worker once (torch passes shared-memory storage as a file descriptor,
+    not its bytes); after that ``write`` fills the buffers in place and ``views`` gives the worker's reload
+    the tensors without a copy."""
+
+    def __init__(self, layout: Sequence[tuple[str, torch.dtype, tuple]]):
+        sizes: dict[torch.dtype, int] = {}
+        slots = []
+        for name, dtype, shape in layout:
+            slots.append(_Slot(name, dtype, sizes.get(dtype, 0), tuple(shape)))
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+        self.layout = tuple(layout)
+        self.slots = tuple(slots)
+        self.buffers = {dtype: torch.empty(n, dtype=dtype).share_memory_() for dtype, n in sizes.items()}
+
+    def views(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for slot in self.slots:
+            flat = self.buffers[slot.dtype]
+            yield slot.name, flat[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
+
+    def write(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy the tensors (in layout order) into their slots; the bytes copied."""
+        sent = 0
+        for (_, view), (_, tensor) in zip(self.views(), weights, strict=True):
+            view.copy_(tensor)
+            sent += tensor.numel() * tensor.element_size()
+        return sent
 
 
 def _receive_buckets(
@@ -455,6 +525,7 @@ def _serve(conn, model_path: str, config: dict, port: int, backend: str, gpu: st
         return
     conn.send(("ready", None))  # before joining the group: the trainer joins it once it hears this
     group = _sync_group(store, 1, backend, timeout)
+    shared: SharedWeights | None = None  # the trainer's shared buffers, once it has sent them
     while True:
         kind, payload = conn.recv()
         if kind == "close":
@@ -464,9 +535,12 @@ def _serve(conn, model_path: str, config: dict, port: int, backend: str, gpu: st
             if kind == "generate":
                 prompt_ids, n, sampling, stop_ids, specs = payload
                 result = _sample(llm, prompt_ids, n, SamplingConfig(**sampling), stop_ids, specs)
-            elif kind == "sync":
+            elif kind == "share":
+                shared, result = payload, None
+            elif kind == "sync":  # payload: the buckets to receive, or None to reload from shared memory
                 start = time.perf_counter()
-                _reload(llm, _receive_buckets(group, payload, device))
+                weights = shared.views() if payload is None else _receive_buckets(group, payload, device)
+                _reload(llm, weights)
                 result = (time.perf_counter() - start) * 1e3
             else:
                 raise ValueError(f"unknown request {kind!r}")
@@ -517,6 +591,17 @@ class VLLMServerGenerator(_EngineRollouts):
         self._process.start()
         child_conn.close()
         atexit.register(self.close)
+        transport = self.config.sync_transport
+        if transport == "auto":
+            transport = "broadcast" if self.device.type == "cuda" else "shared_memory"
+        if transport == "shared_memory" and self.device.type == "cuda":
+            raise ValueError("sync_transport='shared_memory' is for a CPU engine; on GPU use 'broadcast'")
+        self.transport = transport
+        # planned at the first sync, again only if the model's layout changes
+        self._layout: tuple | None = None
+        self._shared: SharedWeights | None = None
+        self._buckets: list[_Bucket] = []
+        self._send_buffers: dict[torch.dtype, torch.Tensor] = {}  # broadcast: reused across syncs
         try:
             self._receive("start")
             self._group = _sync_group(store, 0, backend, timeout)
@@ -565,25 +650,60 @@ class VLLMServerGenerator(_EngineRollouts):
         sampling: SamplingConfig,
         constraints: Sequence[str | None] | None = None,
     ) -> Rollout:
+        check_min_length(sampling, constraints)
         prompt_ids = self._encode(prompts)
         request = (prompt_ids, n, asdict(sampling), self.eos_token_ids, constraints)
-        return self._rollout(prompt_ids, self._request("generate", request), n, constraints)
+        return self._rollout(prompt_ids, self._request("generate", request), n, sampling, constraints)
 
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module, version: int) -> None:
-        """Broadcast the trainer's parameters bucket by bucket; only one bucket's flat copy exists at a time."""
+        """Send the trainer's parameters to the worker (by ``transport``) and wait until it has reloaded them."""
         start = time.perf_counter()
-        buckets = plan_buckets(model_weights(model), int(self.config.bucket_mb * 2**20))
-        self._send("sync", buckets)
-        weights = model_weights(model)
-        sent = 0
-        for bucket in buckets:
-            flat = torch.cat([next(weights)[1].reshape(-1).to(self.device) for _ in bucket.entries])
-            self._group.broadcast(flat, root=0).wait()
-            sent += flat.numel() * flat.element_size()
+        layout = weight_layout(model.state_dict().items())  # a DTensor has its global shape: no gather
+        if layout != self._layout:
+            self._plan(model, layout)
+        if self.transport == "shared_memory":
+            sent = self._shared.write(model_weights(model))
+            self._send("sync", None)
+        else:
+            self._send("sync", self._buckets)
+            sent = self._broadcast(model)
         worker_ms = self._receive("sync")
         self.weight_version = version
         self.last_sync = {"ms": (time.perf_counter() - start) * 1e3, "bytes": sent, "worker_ms": worker_ms}
+
+    def _plan(self, model: torch.nn.Module, layout: tuple) -> None:
+        """The buffers (shared memory, handed to the worker) or the bucket plan (broadcast) for ``layout``."""
+        if self.transport == "shared_memory":
+            self._shared = SharedWeights(layout)
+            self._request("share", self._shared)
+        else:
+            self._buckets = plan_buckets(model_weights(model), int(self.config.bucket_mb * 2**20))
+        self._layout = layout
+
+    def _broadcast(self, model: torch.nn.Module) -> int:
+        """Broadcast the weights bucket by bucket through one reused send buffer per dtype (filled in place:
+        no concatenated copy per bucket); the bytes sent."""
+        weights = model_weights(model)
+        sent = 0
+        for bucket in self._buckets:
+            flat = self._send_buffer(bucket)
+            offset = 0
+            for _ in bucket.entries:
+                tensor = next(weights)[1]
+                flat[offset : offset + tensor.numel()].view(tensor.shape).copy_(tensor)
+                offset += tensor.numel()
+            self._group.broadcast(flat, root=0).wait()  # blocking: the buffer is free again after it
+            sent += flat.numel() * flat.element_size()
+        return sent
+
+    def _send_buffer(self, bucket: _Bucket) -> torch.Tensor:
+        """A flat buffer of the bucket's size and dtype: a view of the largest such buffer needed so far."""
+        buffer = self._send_buffers.get(bucket.dtype)
+        if buffer is None or buffer.numel() < bucket.numel:
+            buffer = torch.empty(bucket.numel, dtype=bucket.dtype, device=self.device)
+            self._send_buffers[bucket.dtype] = buffer
+        return buffer[: bucket.numel]
 
     # -- lifetime ------------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -354,7 +354,9 @@ def run_grpo(
         ref_model = load_reference(run, source, sharded) if grpo.kl_coef > 0 else None
         prompts = crystal_prompt_items(run, formulas, tokenizer, prompt_builder(run))
         try:
-            generator = build_generator(generator_config, policy, tokenizer, out / "vllm_weights")
+            generator = build_generator(
+                generator_config, policy, tokenizer, out / "vllm_weights", COMPUTE_DTYPES[run.compute_dtype]
+            )
         except ImportError as err:
             raise PipelineError(str(err)) from None
         try:
@@ -508,7 +510,13 @@ def write_samples(
     generator_config = generator_config or GeneratorConfig()
     policy, tokenizer = load_model(run, model, dtype="auto", trainable=False)
     try:
-        generator = build_generator(generator_config, policy, tokenizer, out.parent / f".{out.stem}-engine")
+        generator = build_generator(
+            generator_config,
+            policy,
+            tokenizer,
+            out.parent / f".{out.stem}-engine",
+            COMPUTE_DTYPES[run.compute_dtype],
+        )
     except ImportError as err:
         raise PipelineError(str(err)) from None
     try:

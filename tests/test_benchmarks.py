@@ -1,5 +1,6 @@
 """Smoke test of the benchmark runner: the --quick run of every benchmark writes JSON and Markdown holding
-finite, positive figures. Timings are never asserted (the machine is shared and noisy)."""
+finite, positive figures, and every row its configuration asks for, or the reason it is missing. Timings are
+never asserted (the machine is shared and noisy)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import grpo_step, reward_throughput, rollout, weight_sync
 from benchmarks.run import BENCHMARKS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +35,28 @@ def numbers(tree) -> list[float]:
     return []
 
 
+def expected_rows(name: str, config: dict) -> set[str]:
+    """The rows a benchmark's configuration asks for, spelled as its ``row_keys`` spells them."""
+    if name == "grpo_step":
+        return {f"{v}/{side}" for v in config["variants"] for side in config["sides"]}
+    if name == "rollout":
+        rows = {f"{g}/{b}" for g in ("hf", "vllm") for b in config["batch_sizes"]}
+        return rows | {f"constraint/{g}/{m}" for g in ("hf", "vllm") for m in config["constraints"]}
+    if name == "weight_sync":
+        return {f"{size}/{mode}" for size in config["sizes"] for mode in config["modes"]}
+    assert name == "reward"
+    rows = {"parse", "ehull", *(f"chgnet/{b}" for b in config["batch_sizes"])}
+    rows |= {f"chgnet-atoms/{low}-{high}" for low, high in reward_throughput.ATOM_BINS}
+    return rows | {f"relax/{r}" for r in reward_throughput.RELAXERS}
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """`python -m benchmarks.run --quick` in its own process: the vLLM engines it starts must not live on in
     the test process (a later engine in the same process can fail inside vLLM)."""
     out = tmp_path_factory.mktemp("bench")
     command = [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out / "results.md", json.loads((out / "results.json").read_text())
 
@@ -50,25 +67,28 @@ def test_quick_run_writes_json_and_markdown_with_finite_positive_figures(quick_r
     assert set(data["results"]) == set(BENCHMARKS)
     assert all(math.isfinite(x) for x in numbers(data))
 
-    ours = data["results"]["grpo_step"]["ours"]
-    headline = [ours["step_s"]["median"], ours["tokens_per_s"]["median"], ours["peak_rss_mb"]["max"]]
-    headline += [ours[f"{phase}_s"]["median"] for phase in ("generate", "logprob", "update")]
-    check = data["results"]["grpo_step"]["update_check"]["ours"]
-    assert check["optimizer_steps_per_grpo_step"] == 1 and check["max_weight_change"] > 0
+    step = data["results"]["grpo_step"]
+    headline = []
+    for summary in step["variants"].values():
+        ours = summary["sides"]["ours-hf"]
+        headline += [ours["step_s"]["median"], ours["response_tokens"]["median"], ours["peak_rss_mb"]["max"]]
+        headline += [ours[f"{phase}_s"]["median"] for phase in ("generate", "logprob", "update")]
+        headline += [*summary["gemm_flops"].values(), ours["update_flops"]["median"]]
+        check = summary["update_check"]["ours-hf"]
+        assert check["optimizer_steps_per_grpo_step"] == 1 and check["max_weight_change"] > 0
 
     hf_rows = [r for r in data["results"]["rollout"]["rows"] if r["generator"] == "hf"]
     assert [r["batch"] for r in hf_rows] == list(data["results"]["rollout"]["config"]["batch_sizes"])
     headline += [r[k] for r in hf_rows for k in ("tokens_per_s", "samples_per_s")]
+    headline += [r["work_per_s"] for r in data["results"]["rollout"]["constraint_rows"]]
 
     reward = data["results"]["reward"]
     headline += [reward[k] for k in ("parse_validity_per_s", "chgnet_batched_per_s", "ehull_batched_per_s")]
     headline += [reward["chgnet_one_at_a_time_per_s"], reward["chgnet_batched_over_one"]]
     headline += [row["per_s"] for row in reward["chgnet_batched_by_atoms"]]
     headline += [row["s_per_structure"] for row in reward["relaxation"]]
+    headline += [row["ms"]["median"] for row in data["results"]["weight_sync"]["rows"]]
     assert all(x > 0 for x in headline), headline
-
-    sync = data["results"]["weight_sync"]
-    assert sync["rows"] or sync["note"]  # no rows: the note says why (no vLLM, or an engine that failed)
 
     text = markdown.read_text()
     for heading in (
@@ -82,16 +102,49 @@ def test_quick_run_writes_json_and_markdown_with_finite_positive_figures(quick_r
     assert re.search(r"\bnan\b|\binf\b", text, flags=re.IGNORECASE) is None
 
 
+@pytest.mark.parametrize(
+    "name, module",
+    [
+        ("grpo_step", grpo_step),
+        ("rollout", rollout),
+        ("weight_sync", weight_sync),
+        ("reward", reward_throughput),
+    ],
+)
+def test_every_row_is_there_or_says_why_not(quick_run, name, module):
+    _, data = quick_run
+    result = data["results"][name]
+    present, missing = module.row_keys(result), result["missing"]
+    for row in expected_rows(name, result["config"]):
+        assert row in present or (isinstance(missing.get(row), str) and missing[row].strip()), (row, missing)
+    assert not present & set(missing), present & set(missing)  # a row is there or missing, never both
+    assert all(f"missing {row}: {reason}" in markdown_of(data, name) for row, reason in missing.items())
+
+
+def markdown_of(data: dict, name: str) -> str:
+    return BENCHMARKS[name].markdown(data["results"][name])
+
+
 def test_trl_side_by_side(quick_run):
     if importlib.util.find_spec("trl") is None:
         pytest.skip(
             "trl is not installed (extra `bench`): the TRL half of the GRPO step benchmark was skipped"
         )
     _, data = quick_run
-    step = data["results"]["grpo_step"]
-    assert step["update_check"]["same_update"] is True
-    assert step["trl"]["step_s"]["median"] > 0
-    assert all(v > 0 for v in step["ratio_ours_over_trl"].values())
+    for variant, summary in data["results"]["grpo_step"]["variants"].items():
+        assert {"ours-hf", "trl-hf"} <= set(summary["sides"]), variant
+        for side in ("ours-hf", "trl-hf"):
+            check = summary["update_check"][side]
+            assert check["optimizer_steps_per_grpo_step"] == 1 and check["max_weight_change"] > 0
+        # equal work: a fixed-length variant gives every side max_new_tokens tokens per response
+        if variant.startswith("fixed"):
+            samples = summary["task"]["samples_per_step"]
+            full = samples * data["results"]["grpo_step"]["config"]["max_new_tokens"]
+            assert all(s["response_tokens"]["min"] == full for s in summary["sides"].values())
+            assert all(s["cap_rate"]["max"] == 1 for s in summary["sides"].values())
+        step = summary["pairings"]["ours-hf / trl-hf"]["step_s"]
+        assert len(step["per_repeat"]) == data["results"]["grpo_step"]["config"]["repeats"]
+        assert step["verdict"] in ("faster", "slower", "tie") and step["min"] <= step["median"] <= step["max"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")

@@ -281,3 +281,63 @@ def test_greedy_rollout_scores_its_tokens_as_the_most_likely(model, tokenizer):
         response = real_tokens(rollout, row)
         best = manual_log_softmax(model, prompt, response).amax(-1)
         torch.testing.assert_close(logprobs[row, : len(response)].double(), best, atol=2e-5, rtol=1e-5)
+
+
+def test_min_new_tokens_defers_eos_and_the_scorer_uses_the_distribution_that_sampled(model, tokenizer):
+    """With min_new_tokens = 4 the rows forced to stop at tokens 0 and 3 go on (EOS masked there), the row
+    forced at 5 stops at 5; the rollout's masks drop EOS from the first 4 positions only, and the log-probs
+    scored with them are log softmax over the vocabulary without EOS (what the sampler drew from)."""
+    eos = tokenizer.eos_token_id
+    handle = force_eos_at(model, eos, [0, 3, None, 5])
+    try:
+        rollout = HFGenerator(model, tokenizer).generate(
+            [p.text for p in toy_prompts(4)], 1, SamplingConfig(max_new_tokens=8, min_new_tokens=4, seed=1)
+        )
+    finally:
+        handle.remove()
+    assert rollout.response_mask.sum(1).tolist() == [8, 8, 8, 6]
+    assert (rollout.response_ids[:, :4] != eos).all() and rollout.response_ids[3, 5] == eos
+    allowed = rollout.masks.allowed()
+    assert not allowed[:, :4, eos].any() and allowed[:, 4:].all()
+    assert allowed[:, :4].sum(-1).eq(allowed.shape[-1] - 1).all()  # EOS alone is left out
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(model, *astuple_rollout(rollout), masks=rollout.masks)
+    for row in range(4):
+        prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist()
+        response = real_tokens(rollout, row)
+        dist = manual_log_softmax(model, prompt, response)
+        dist[:4, eos] = float("-inf")
+        expected = torch.log_softmax(dist, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+        torch.testing.assert_close(logprobs[row, : len(response)].double(), expected, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingConfig(max_new_tokens=4, min_new_tokens=5)
+
+
+def astuple_rollout(rollout: Rollout) -> tuple[torch.Tensor, ...]:
+    return rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask
+
+
+def test_entropy_for_the_log_only_has_no_graph_and_the_same_value(model, tokenizer):
+    batch = left_padded_batch(tokenizer, [([5, 6, 7], [8, 9]), ([10], [11, 12])])
+    trained = copy.deepcopy(model).train()
+    logprobs, with_graph = response_logprobs(trained, *batch, with_entropy=True)
+    _, for_log = response_logprobs(trained, *batch, with_entropy=True, entropy_grad=False)
+    assert logprobs.requires_grad and with_graph.requires_grad and not for_log.requires_grad
+    torch.testing.assert_close(for_log, with_graph.detach())
+
+
+def test_bfloat16_compute_samples_in_bfloat16_over_float32_weights(model, tokenizer):
+    dtypes = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, i, out: dtypes.append(out.dtype)
+    )
+    try:
+        generator = HFGenerator(model, tokenizer, compute_dtype=torch.bfloat16)
+        rollout = generator.generate(
+            [toy_prompts(1)[0].text], 2, SamplingConfig(max_new_tokens=3, min_new_tokens=3)
+        )
+    finally:
+        handle.remove()
+    assert rollout.response_mask.sum() == 6 and set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.is_autocast_enabled("cpu")  # the context ends with the call

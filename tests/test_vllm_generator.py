@@ -40,10 +40,9 @@ needs_vllm = pytest.mark.skipif(
     reason="vLLM is not installed (pip install -e '.[vllm]'; see README, vLLM generator)",
 )
 
-# float32 in vLLM: its sampled-token log-probs then agree with the trainer's to ~1e-5 (seen: <= 2e-5)
-CONFIG = GeneratorConfig(
-    kind="vllm", dtype="float32", bucket_mb=1.0
-)  # 1 MB buckets: the ~26 MB toy model takes many
+# float32 in vLLM: its sampled-token log-probs then agree with the trainer's to ~1e-5 (seen: <= 2e-5). The worker
+# syncs through shared memory (the CPU default); 1 MB buckets for the broadcast one: the ~26 MB toy model takes many
+CONFIG = GeneratorConfig(kind="vllm", dtype="float32", bucket_mb=1.0)
 LOGPROB_ATOL = 1e-4
 
 
@@ -165,6 +164,14 @@ def colocated(model_dir):
 @pytest.fixture(scope="module")
 def server(model_dir):
     with VLLMServerGenerator(model_dir, toy_tokenizer(), CONFIG) as generator:
+        assert generator.transport == "shared_memory"
+        yield generator
+
+
+@pytest.fixture(scope="module")
+def server_broadcast(model_dir):
+    config = dataclasses.replace(CONFIG, sync_transport="broadcast")
+    with VLLMServerGenerator(model_dir, toy_tokenizer(), config) as generator:
         yield generator
 
 
@@ -187,7 +194,7 @@ def greedy_rows(rollout: Rollout) -> list[list[int]]:
 
 @needs_vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["colocated", "server"])
+@pytest.mark.parametrize("mode", ["colocated", "server", "server_broadcast"])
 def test_after_a_sync_vllm_matches_the_trainer_model(mode, request):
     generator = request.getfixturevalue(mode)
     tokenizer = toy_tokenizer()
@@ -219,6 +226,27 @@ def test_after_a_sync_vllm_matches_the_trainer_model(mode, request):
     )
     again = generator.generate(prompts, 4, SamplingConfig(temperature=0.7, max_new_tokens=12, seed=5))
     assert torch.equal(again.response_ids, sampled.response_ids)  # same seed, same samples
+
+    # a second sync reuses what the first planned (shared buffers, bucket plan): the new weights arrive too
+    model = perturbed_model(seed=2)
+    generator.load_weights(model, version=8)
+    reference = [manual_greedy(model, tokenizer, p, 12) for p in prompts]
+    assert greedy_rows(generator.generate(prompts, 1, greedy)) == reference != after
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_min_new_tokens_in_vllm_defers_eos_and_its_logprobs_are_the_masked_ones(colocated):
+    """min_tokens in vLLM: no response ends before it, the rollout carries the masks without EOS there, and
+    the trainer's masked log-probs equal vLLM's processed ones."""
+    model = toy_model(seed=0).eval()
+    colocated.load_weights(model, version=0)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10, min_new_tokens=10, seed=3)
+    rollout = colocated.generate([p.text for p in toy_prompts(2)], 4, sampling)
+    eos = toy_tokenizer().eos_token_id
+    assert rollout.response_mask.sum(1).eq(10).all() and not rollout.masks.allowed()[..., eos].any()
+    trainer_lp = batched_response_logprobs(model, rollout, micro_batch_size=8)
+    torch.testing.assert_close(rollout.logprobs, trainer_lp, atol=LOGPROB_ATOL, rtol=0)
 
 
 @needs_vllm
