@@ -130,6 +130,20 @@ def check_structure_cdvae(structure: Structure, min_distance: float = 0.5, min_v
     return Check(True)
 
 
+def covalent_thresholds(structure: Structure, scale: float = 0.5) -> np.ndarray:
+    """scale * (r_i + r_j) for every pair of sites: the covalent rule's closest allowed distances."""
+    radii = covalent_radii[np.asarray(structure.atomic_numbers)]
+    return scale * (radii[:, None] + radii[None, :])
+
+
+def closest_approach(structure: Structure, thresholds: np.ndarray | float) -> float:
+    """min_ij d_ij / threshold_ij over pairs and self-images: <= 1 is an overlap, 0 two coincident atoms.
+    Exact below 1 (see check_structure_covalent), which is where it grades an overlap."""
+    if not len(structure):
+        return 0.0
+    return float((periodic_distances(structure) / thresholds).min())
+
+
 def check_structure_covalent(structure: Structure, scale: float = 0.5) -> Check:
     """The paper's structural validity: d_ij > scale * (r_i + r_j) for all pairs and self-images.
 
@@ -138,8 +152,7 @@ def check_structure_covalent(structure: Structure, scale: float = 0.5) -> Check:
     threshold, so any pair below its threshold is below L and exact."""
     if not len(structure):
         return Check(False, "no atoms")
-    radii = covalent_radii[np.asarray(structure.atomic_numbers)]
-    thresholds = scale * (radii[:, None] + radii[None, :])
+    thresholds = covalent_thresholds(structure, scale)
     ratio = periodic_distances(structure) / thresholds
     i, j = np.unravel_index(np.argmin(ratio), ratio.shape)
     if ratio[i, j] <= 1.0:

@@ -14,6 +14,9 @@ the paper's covalent rule d_ij > scale * (r_cov,i + r_cov,j) with scale 0.5, or 
 
 Reasons: "parse_error:<parser reason>", "too_many_atoms", "species_mismatch", "overlap", and
 "failure:<what>" (reported by potential rewards when no energy could be computed, valued ``failure``).
+``overlap_slope`` (off by default) grades the overlap penalty by how deep the closest pair sits inside the
+rule's distance: reward shaping for a model whose samples mostly overlap, still below every clean sample when
+the penalty is.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 from crystals.sample import Sample
-from crystals.validity import check_atom_count, check_species, check_structure_cdvae, check_structure_covalent
+from crystals.validity import (
+    check_atom_count,
+    check_species,
+    check_structure_cdvae,
+    check_structure_covalent,
+    closest_approach,
+    covalent_thresholds,
+)
 from rewards.base import RewardOutput
 
 
@@ -41,6 +51,10 @@ class PenaltyConfig:
     overlap_rule: Literal["covalent", "cdvae", "none"] = "covalent"
     covalent_scale: float = 0.5  # covalent rule: d_ij > scale * (r_i + r_j)
     min_distance: float = 0.5  # cdvae rule: d_ij > min_distance (A)
+    # > 0: an overlap costs `overlap` minus up to this much more, in proportion to how far the closest pair sits
+    # inside the rule's distance (0 at the threshold, all of it for coincident atoms). A group whose samples
+    # all overlap then still ranks them, nearest to valid first (the flat paper penalty gives it no signal).
+    overlap_slope: float = 0.0
 
     @classmethod
     def uniform(cls, value: float, **overrides) -> PenaltyConfig:
@@ -102,14 +116,25 @@ class Penalties:
             return "overlap"
         return None
 
-    def value(self, reason: str) -> float:
-        """Penalty for a reason from ``check`` or a "failure:..." reason."""
+    def value(self, reason: str, sample: Sample | None = None) -> float:
+        """Penalty for a reason from ``check`` or a "failure:..." reason; an overlap is graded by how close
+        the sample's closest pair comes (``overlap_slope``), which needs the sample."""
+        cfg = self.config
         kind = reason.split(":", 1)[0]
         if kind == "failure":
-            return self.config.failure
+            return cfg.failure
         if kind not in ("parse_error", "too_many_atoms", "species_mismatch", "overlap"):
             raise ValueError(f"unknown penalty reason {reason!r}")
-        return getattr(self.config, kind)
+        if kind == "overlap" and cfg.overlap_slope and sample is not None and sample.structure is not None:
+            structure = sample.structure
+            thresholds = (
+                covalent_thresholds(structure, cfg.covalent_scale)
+                if cfg.overlap_rule == "covalent"
+                else cfg.min_distance
+            )
+            depth = 1.0 - min(1.0, max(0.0, closest_approach(structure, thresholds)))
+            return cfg.overlap - cfg.overlap_slope * depth
+        return getattr(cfg, kind)
 
 
 class PenaltyReward:
@@ -123,5 +148,7 @@ class PenaltyReward:
 
     def __call__(self, samples: Sequence[Sample]) -> RewardOutput:
         reasons = [self.penalties.check(sample) for sample in samples]
-        rewards = [0.0 if reason is None else self.penalties.value(reason) for reason in reasons]
+        rewards = [
+            0.0 if r is None else self.penalties.value(r, s) for r, s in zip(reasons, samples, strict=True)
+        ]
         return RewardOutput(rewards, [{"penalty": reason} for reason in reasons])

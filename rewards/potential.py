@@ -293,7 +293,7 @@ class PotentialReward:
                     log.warning("%s: scoring %s failed: %r", self.name, sample.formula, exc)
                     reason, info["error"] = f"failure:score_{type(exc).__name__}", str(exc)[:500]
             if reason is not None:
-                reward = self.penalties.value(reason)
+                reward = self.penalties.value(reason, sample)
             info["penalty"] = reason
             rewards.append(float(reward))
             infos.append(info)

@@ -74,6 +74,33 @@ def test_overlap_rules_are_configurable():
         Penalties(PenaltyConfig(overlap_rule="vdw"))
 
 
+def test_overlap_slope_grades_an_overlap_by_its_depth_and_stays_below_clean_samples():
+    """Fe-Fe threshold 0.5 x (1.32 + 1.32) = 1.32 A: pairs at 1.2, 0.6 and 0 A sit 9 %, 55 % and 100 % inside
+    it. With slope 4 the penalty -5 grows to -5 - 4 x depth; flat (slope 0) every overlap is -5."""
+
+    def fe_pair(distance: float) -> Sample:
+        return Sample.from_structure(
+            Structure(Lattice.cubic(6.0), ["Fe", "Fe"], [[0, 0, 0], [distance / 6, 0, 0]])
+        )
+
+    graded = Penalties(PenaltyConfig(overlap=-5.0, overlap_slope=4.0))
+    samples = [fe_pair(d) for d in (1.2, 0.6, 0.0)]
+    assert [graded.check(s) for s in samples] == ["overlap"] * 3
+    values = [graded.value("overlap", s) for s in samples]
+    threshold = 0.5 * 2 * 1.32
+    expected = [-5.0 - 4.0 * (1 - d / threshold) for d in (1.2, 0.6)] + [-9.0]
+    assert values == pytest.approx(expected, abs=0.02)  # the radii table's own decimals
+    assert values[0] > values[1] > values[2] and max(values) < -5.0
+    assert {Penalties(PenaltyConfig(overlap=-5.0)).value("overlap", s) for s in samples} == {-5.0}
+    cdvae = Penalties(PenaltyConfig(overlap_rule="cdvae", overlap=-1.0, overlap_slope=1.0))
+    assert cdvae.value("overlap", fe_pair(0.3)) == pytest.approx(-1.0 - (1 - 0.3 / 0.5))
+    # the reward a penalised sample gets through the adapter is the graded one
+    rewards, infos = CrystalTextReward(PenaltyReward(graded))(
+        [{"formula": "Fe"}] * 2, ["6 6 6 90 90 90 Fe 0 0 0 Fe 0.1 0 0", "6 6 6 90 90 90 Fe 0 0 0 Fe 0.05 0 0"]
+    )
+    assert rewards[0] > rewards[1] and [i["penalty"] for i in infos] == ["overlap", "overlap"]
+
+
 def test_penalty_values_uniform_and_overrides():
     cfg = PenaltyConfig.uniform(-1.0, check_species=True)
     assert {cfg.parse_error, cfg.too_many_atoms, cfg.species_mismatch, cfg.overlap, cfg.failure} == {-1.0}
