@@ -91,9 +91,17 @@ class Penalties:
 
     def __init__(self, config: PenaltyConfig | None = None):
         self.config = config or PenaltyConfig()
-        if self.config.overlap_rule not in ("covalent", "cdvae", "none"):
+        cfg = self.config
+        if cfg.overlap_rule not in ("covalent", "cdvae", "none"):
+            raise ValueError(f"overlap_rule must be covalent, cdvae or none, got {cfg.overlap_rule!r}")
+        deepest = cfg.overlap - cfg.overlap_slope
+        above = [name for name in PENALTY_VALUES if name != "overlap" and getattr(cfg, name) > deepest]
+        if cfg.overlap_slope and above:
+            # RL finds such a hole at once: seen, a model that wrote cells too large for the potential (a
+            # failure) once a failure paid more than an overlap
             raise ValueError(
-                f"overlap_rule must be covalent, cdvae or none, got {self.config.overlap_rule!r}"
+                f"penalties {above} rank above the deepest graded overlap ({deepest:g}): with overlap_slope "
+                f"set penalty <= overlap - overlap_slope (e.g. penalty={deepest:g}, overlap={cfg.overlap:g})"
             )
 
     def check(self, sample: Sample) -> str | None:

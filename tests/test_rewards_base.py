@@ -83,7 +83,7 @@ def test_overlap_slope_grades_an_overlap_by_its_depth_and_stays_below_clean_samp
             Structure(Lattice.cubic(6.0), ["Fe", "Fe"], [[0, 0, 0], [distance / 6, 0, 0]])
         )
 
-    graded = Penalties(PenaltyConfig(overlap=-5.0, overlap_slope=4.0))
+    graded = Penalties(PenaltyConfig.uniform(-9.0, overlap=-5.0, overlap_slope=4.0))
     samples = [fe_pair(d) for d in (1.2, 0.6, 0.0)]
     assert [graded.check(s) for s in samples] == ["overlap"] * 3
     values = [graded.value("overlap", s) for s in samples]
@@ -92,8 +92,13 @@ def test_overlap_slope_grades_an_overlap_by_its_depth_and_stays_below_clean_samp
     assert values == pytest.approx(expected, abs=0.02)  # the radii table's own decimals
     assert values[0] > values[1] > values[2] and max(values) < -5.0
     assert {Penalties(PenaltyConfig(overlap=-5.0)).value("overlap", s) for s in samples} == {-5.0}
-    cdvae = Penalties(PenaltyConfig(overlap_rule="cdvae", overlap=-1.0, overlap_slope=1.0))
+    cdvae = Penalties(PenaltyConfig.uniform(-2.0, overlap_rule="cdvae", overlap=-1.0, overlap_slope=1.0))
     assert cdvae.value("overlap", fe_pair(0.3)) == pytest.approx(-1.0 - (1 - 0.3 / 0.5))
+    # a failure (or any other penalty) that paid more than the deepest overlap would be the model's way out
+    with pytest.raises(
+        ValueError, match=r"\['parse_error', 'too_many_atoms', 'species_mismatch', 'failure'\]"
+    ):
+        Penalties(PenaltyConfig.uniform(-5.0, overlap_slope=4.0))
     # the reward a penalised sample gets through the adapter is the graded one
     rewards, infos = CrystalTextReward(PenaltyReward(graded))(
         [{"formula": "Fe"}] * 2, ["6 6 6 90 90 90 Fe 0 0 0 Fe 0.1 0 0", "6 6 6 90 90 90 Fe 0 0 0 Fe 0.05 0 0"]
