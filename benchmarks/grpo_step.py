@@ -200,18 +200,7 @@ def our_trainer(
         from grpo.vllm_generator import VLLMGenerator
 
         generator = VLLMGenerator(model_dir, task.tokenizer, GeneratorConfig(kind="vllm", dtype=dtype))
-    return GRPOTrainer(
-        model=model,
-        tokenizer=task.tokenizer,
-        generator=generator,
-        prompts=task.prompts,
-        reward_fn=digit_share_reward,
-        config=config,
-        run_dir=run_dir,
-        ref_model=ref,
-        console_log=False,
-        compute_dtype=DTYPES[dtype],
-    )
+    return task.trainer(model, generator, config, run_dir, ref, DTYPES[dtype])
 
 
 def trl_reward(prompts, completions, **kwargs) -> list[float]:

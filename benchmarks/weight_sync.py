@@ -32,14 +32,13 @@ import torch
 from benchmarks.common import (
     bench_task,
     child_json,
-    digit_share_reward,
     summarize,
     vllm_unavailable,
     write_result,
 )
 from grpo.generation import GeneratorConfig
 from grpo.models import MODEL_SIZES, build_small_model, count_parameters, save_model
-from grpo.trainer import GRPOConfig, GRPOTrainer
+from grpo.trainer import GRPOConfig
 
 MODES = ("in-process", "worker/shared_memory", "worker/broadcast")
 
@@ -89,7 +88,7 @@ def time_sync(generator, model: torch.nn.Module, repeats: int) -> list[dict]:
     return times[1:]  # the first push is a warm-up (and plans the buffers)
 
 
-def time_step(generator, model, tokenizer, task, cfg: SyncBenchConfig, run_dir: Path) -> list[dict]:
+def time_step(generator, model, task, cfg: SyncBenchConfig, run_dir: Path) -> list[dict]:
     """Our GRPO step with this generator: a warm-up step, then ``cfg.steps`` timed; time and sync per step."""
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
@@ -102,17 +101,7 @@ def time_step(generator, model, tokenizer, task, cfg: SyncBenchConfig, run_dir: 
         lr=1e-5,
         max_new_tokens=cfg.max_new_tokens,
     )
-    trainer = GRPOTrainer(
-        model=model,
-        tokenizer=tokenizer,
-        generator=generator,
-        prompts=task.prompts,
-        reward_fn=digit_share_reward,
-        config=config,
-        run_dir=run_dir,
-        ref_model=ref,
-        console_log=False,
-    )
+    trainer = task.trainer(model, generator, config, run_dir, ref)
     generator.load_weights(model, trainer.weight_version)  # the engine at the trainer's version again
     metrics = [trainer.step() for _ in range(cfg.steps + 1)][1:]
     return [{"step_s": m["time_step"], "sync_s": m["time_sync"]} for m in metrics]
@@ -129,7 +118,7 @@ def one_row(size: str, mode: str, cfg: SyncBenchConfig) -> dict:
             syncs = time_sync(generator, model, cfg.repeats)
             steps = []
             if mode == cfg.step_mode and cfg.steps:
-                steps = time_step(generator, model, task.tokenizer, task, cfg, Path(tmp) / "run")
+                steps = time_step(generator, model, task, cfg, Path(tmp) / "run")
         finally:
             close = getattr(generator, "close", None)
             if callable(close):
