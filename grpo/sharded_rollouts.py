@@ -36,6 +36,10 @@ class _Requested:
 
     def __init__(self, index: int, tensor):
         self.index, self.tensor = index, tensor
+        self.dtype, self.shape = (
+            tensor.dtype,
+            tensor.shape,
+        )  # a DTensor's global ones: planning needs no gather
 
     def full_tensor(self) -> torch.Tensor:
         broadcast_int(self.index)

@@ -385,19 +385,20 @@ class _Bucket:
         return sum(math.prod(e.shape) for e in self.entries)
 
 
-def plan_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[_Bucket]:
-    """Group tensors, in order, into buckets of one dtype and at most ``bucket_bytes`` (a larger tensor gets a
-    bucket of its own). Checkpoint order keeps each layer's tensors together, so vLLM finishes a layer early."""
+def plan_buckets(layout: Iterable[tuple[str, torch.dtype, tuple]], bucket_bytes: int) -> list[_Bucket]:
+    """Group the tensors of a ``weight_layout``, in order, into buckets of one dtype and at most
+    ``bucket_bytes`` (a larger tensor gets a bucket of its own). Checkpoint order keeps each layer's tensors
+    together, so vLLM finishes a layer early."""
     buckets: list[_Bucket] = []
     entries: list[_Entry] = []
     dtype, size = None, 0
-    for name, tensor in weights:
-        nbytes = tensor.numel() * tensor.element_size()
-        if entries and (tensor.dtype != dtype or size + nbytes > bucket_bytes):
+    for name, tensor_dtype, shape in layout:
+        nbytes = math.prod(shape) * tensor_dtype.itemsize
+        if entries and (tensor_dtype != dtype or size + nbytes > bucket_bytes):
             buckets.append(_Bucket(dtype, tuple(entries)))
             entries, size = [], 0
-        entries.append(_Entry(name, tuple(tensor.shape)))
-        dtype, size = tensor.dtype, size + nbytes
+        entries.append(_Entry(name, tuple(shape)))
+        dtype, size = tensor_dtype, size + nbytes
     if entries:
         buckets.append(_Bucket(dtype, tuple(entries)))
     return buckets
@@ -661,7 +662,7 @@ class VLLMServerGenerator(_EngineRollouts):
         start = time.perf_counter()
         layout = weight_layout(model.state_dict().items())  # a DTensor has its global shape: no gather
         if layout != self._layout:
-            self._plan(model, layout)
+            self._plan(layout)
         if self.transport == "shared_memory":
             sent = self._shared.write(model_weights(model))
             self._send("sync", None)
@@ -672,13 +673,13 @@ class VLLMServerGenerator(_EngineRollouts):
         self.weight_version = version
         self.last_sync = {"ms": (time.perf_counter() - start) * 1e3, "bytes": sent, "worker_ms": worker_ms}
 
-    def _plan(self, model: torch.nn.Module, layout: tuple) -> None:
+    def _plan(self, layout: tuple) -> None:
         """The buffers (shared memory, handed to the worker) or the bucket plan (broadcast) for ``layout``."""
         if self.transport == "shared_memory":
             self._shared = SharedWeights(layout)
             self._request("share", self._shared)
         else:
-            self._buckets = plan_buckets(model_weights(model), int(self.config.bucket_mb * 2**20))
+            self._buckets = plan_buckets(layout, int(self.config.bucket_mb * 2**20))
         self._layout = layout
 
     def _broadcast(self, model: torch.nn.Module) -> int:

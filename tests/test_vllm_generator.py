@@ -30,6 +30,7 @@ from grpo.vllm_generator import (
     build_rollout,
     model_weights,
     plan_buckets,
+    weight_layout,
 )
 from tests.test_generation import manual_greedy
 from tests.test_trainer import FixedGenerator, fixed_rollout, grads_and_weights, make_trainer
@@ -58,7 +59,7 @@ def test_buckets_keep_order_split_by_size_and_dtype():
         ("e", torch.zeros(10, dtype=torch.bfloat16)),  # another dtype, another buffer
         ("f", torch.zeros(2, 5)),
     ]
-    buckets = plan_buckets(weights, bucket_bytes=1000)
+    buckets = plan_buckets(weight_layout(weights), bucket_bytes=1000)
     assert [[e.name for e in b.entries] for b in buckets] == [["a", "b"], ["c"], ["d"], ["e"], ["f"]]
     assert [b.dtype for b in buckets] == [torch.float32] * 3 + [torch.bfloat16, torch.float32]
     assert buckets[4].entries[0].shape == (2, 5) and buckets[0].numel == 200
