@@ -1,6 +1,5 @@
-"""`crystal-grpo`: the command line. Each command parses its options and calls the pipeline
-(pipeline.runs, pipeline.demo), evaluation or benchmarks; errors a user can fix end as one line, exit code 1.
-"""
+"""`crystal-grpo`: the command line. Each command parses its options and calls the pipeline (pipeline.runs,
+pipeline.demo), evaluation or benchmarks; errors a user can fix end as one line, exit code 1."""
 
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ def option(*flags_and_help: str):
 
 
 DATA_DIR_HELP = (
-    "Folder with {train,val,test}.csv.gz (or its parent); default: $CRYSTAL_GRPO_DATA, else the demo subset."
+    "Folder with {train,val,test}.csv.gz (or its parent); default: $CRYSTAL_GRPO_DATA, else the demo data."
 )
 DataDirOption = Annotated[Path | None, option("--data-dir", DATA_DIR_HELP)]
 OutOption = Annotated[Path, option("--out", "Run directory (checkpoints, logs, resolved config).")]
@@ -74,7 +73,11 @@ def configs_with(sections: dict, config: Path | None, overrides: list[str] | Non
     from pipeline.config import load_configs
 
     given = [f"{name.replace('__', '.')}={value}" for name, value in options.items() if value is not None]
-    return load_configs(sections, config, [*(overrides or []), *given], other_tables="sample" in sections)
+    # a reward named here drops the file's reward options (they belong to its reward); --set may add some
+    fresh = ["reward.options={}"] if options.get("reward__name") else []
+    return load_configs(
+        sections, config, [*fresh, *(overrides or []), *given], other_tables="sample" in sections
+    )
 
 
 @data_app.command("info")
@@ -175,10 +178,8 @@ def sample(
     with user_errors():
         configs = configs_with(sections, config, set_, run__data_dir=data_dir, **options)
         records = write_samples(configs["run"], model, configs["sample"], out, None, configs["generator"])
-    console.print(
-        f"wrote {len(records)} samples to {out}; {samples_summary(records, configs['run'].max_atoms)}",
-        markup=False,
-    )
+    summary = samples_summary(records, configs["run"].max_atoms)
+    console.print(f"wrote {len(records)} samples to {out}; {summary}", markup=False)
 
 
 @app.command()

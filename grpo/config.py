@@ -62,6 +62,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return annotation(value)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{key} expects {annotation.__name__}, got {value!r}") from err
+    if annotation is dict or origin is dict:
+        table = _literal(value) if isinstance(value, str) else value  # `--set reward.options={}` replaces it
+        if not isinstance(table, dict):
+            raise ConfigError(f"{key} expects a table ({{ key = value, ... }}), got {value!r}")
+        return table
     return value
 
 

@@ -130,3 +130,37 @@ def test_to_toml_round_trips_through_load_sections(tmp_path):
     assert "out =" not in text  # None is left out: TOML has no null, and the default restores it
     loaded = load_sections({"grpo": GRPOConfig, "sft": SFTConfig, "run": RunConfig}, write(tmp_path, text))
     assert loaded == configs
+
+
+def test_a_table_valued_field_takes_entries_or_a_whole_table_from_overrides(tmp_path):
+    """`reward.options.clip=5` adds one entry typed as TOML types it; `reward.options={...}` replaces the table
+    (`{}` empties it); anything else is an error, not a string stored where a table belongs."""
+    from pipeline.config import RewardConfig
+
+    path = tmp_path / "c.toml"
+    path.write_text('[reward]\nname = "ehull"\noptions = { clip = 5.0, overlap_slope = 5.0 }\n')
+    sections = {"reward": RewardConfig}
+    added = load_sections(sections, path, ["reward.options.penalty=-10", "reward.options.rule=none"])[
+        "reward"
+    ]
+    assert added.options == {"clip": 5.0, "overlap_slope": 5.0, "penalty": -10, "rule": "none"}
+    replaced = load_sections(sections, path, ["reward.options={ clip = 2 }"])["reward"]
+    assert replaced.options == {"clip": 2}
+    assert load_sections(sections, path, ["reward.options={}"])["reward"].options == {}
+    with pytest.raises(ConfigError, match=r"reward.options expects a table"):
+        load_sections(sections, path, ["reward.options=5"])
+
+
+def test_a_reward_named_on_the_command_line_drops_the_files_reward_options():
+    """The demo preset's options belong to its ehull reward: `demo --reward chgnet-etot+species` must not hand
+    them to a reward that takes none of them (and `--set reward.options.KEY` still adds to the new one)."""
+    from cli import configs_with
+    from pipeline.config import preset_path
+    from pipeline.demo import DEMO_SECTIONS
+
+    preset = preset_path("demo")
+    assert configs_with(DEMO_SECTIONS, preset, None)["reward"].options  # the preset has some
+    named = configs_with(DEMO_SECTIONS, preset, None, reward__name="chgnet-etot+species")["reward"]
+    assert (named.name, named.options) == ("chgnet-etot+species", {})
+    kept = configs_with(DEMO_SECTIONS, preset, ["reward.options.overlap=-1"], reward__name="ehull")["reward"]
+    assert kept.options == {"overlap": -1}
