@@ -15,8 +15,8 @@ the paper's covalent rule d_ij > scale * (r_cov,i + r_cov,j) with scale 0.5, or 
 Reasons: "parse_error:<parser reason>", "too_many_atoms", "species_mismatch", "overlap", and
 "failure:<what>" (reported by potential rewards when no energy could be computed, valued ``failure``).
 ``overlap_slope`` (off by default) grades the overlap penalty by how deep the closest pair sits inside the
-rule's distance: reward shaping for a model whose samples mostly overlap, still below every clean sample when
-the penalty is.
+rule's distance: reward shaping for a model whose samples mostly overlap. Clean samples score as before, and
+every other penalty must stay at or below the deepest overlap (checked).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,8 @@ from tests.fsdp_worker import (
     toy_trainer,
 )
 from tests.test_precision import MAX_RELATIVE_ERROR, changed_fraction, relative_error, weight_updates
-from tests.test_trainer import FixedGenerator, fixed_rollout
-from tests.toy import toy_model, toy_prompts, toy_tokenizer
+from tests.test_trainer import make_trainer
+from tests.toy import toy_model, toy_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,19 +153,14 @@ def test_parameters_are_sharded_dtensors(sharded):
 def test_one_sharded_step_equals_one_single_process_step(sharded, tmp_path, loss_agg):
     """Same fixed rollout and rewards: 2 ranks x 2 micro-batches of 4 give the loss, gradient and new weights of
     one process with 4 micro-batches of 4 (KL term included)."""
-    tokenizer = toy_tokenizer()
     model = toy_model(seed=0)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = GRPOTrainer(
+    trainer = make_trainer(
+        tmp_path,
         model=model,
-        tokenizer=tokenizer,
-        generator=FixedGenerator(fixed_rollout(len(tokenizer))),
-        prompts=toy_prompts(4),
         reward_fn=length_reward,
-        config=step_config(loss_agg),
-        run_dir=tmp_path,
         ref_model=toy_model(seed=1),
-        console_log=False,
+        **asdict(step_config(loss_agg)),
     )
     expected = trainer.step()
     sharded = sharded[loss_agg]
@@ -229,19 +225,14 @@ def test_bf16_compute_over_sharded_fp32_masters_trains_at_lr_1e6_like_fp32(shard
     """tests/test_precision.py's check under 2-rank FSDP2 (MixedPrecisionPolicy bf16 params, fp32 reduce):
     5 steps at lr 1e-6 move > 90 % of the fp32 masters, and the updates are a single-process fp32 run's
     within bf16 rounding."""
-    tokenizer = toy_tokenizer()
     model = toy_model(seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = GRPOTrainer(
+    trainer = make_trainer(
+        tmp_path,
         model=model,
-        tokenizer=tokenizer,
-        generator=FixedGenerator(fixed_rollout(len(tokenizer))),
-        prompts=toy_prompts(4),
         reward_fn=length_reward,
-        config=mixed_precision_config(),
-        run_dir=tmp_path,
         ref_model=toy_model(seed=1),
-        console_log=False,
+        **asdict(mixed_precision_config()),
     )
     for _ in range(trainer.config.total_steps):
         trainer.step()
