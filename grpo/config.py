@@ -159,14 +159,33 @@ def load_sections(
 
 def config_differences(saved: dict[str, Any], configs: dict[str, Any]) -> list[str]:
     """`table.key` names whose value in `configs` (dataclasses) differs from `saved` (tables as read back from
-    a `to_toml` file), sorted."""
+    a `to_toml` file), sorted. A key `saved` lacks is unchanged while its value is the field's default: the
+    field was added after the run was written, and that run ran as the default does."""
     current = tomllib.loads(to_toml(configs))
     keys = {(table, key) for tables in (saved, current) for table, values in tables.items() for key in values}
-    return sorted(
-        f"{table}.{key}"
-        for table, key in keys
-        if saved.get(table, {}).get(key) != current.get(table, {}).get(key)
-    )
+
+    def differs(table: str, key: str) -> bool:
+        value = current.get(table, {}).get(key)
+        if key not in saved.get(table, {}):
+            return value != _field_default(configs.get(table), key)
+        return saved[table][key] != value
+
+    return sorted(f"{table}.{key}" for table, key in keys if differs(table, key))
+
+
+def _field_default(config: Any, name: str) -> Any:
+    """A dataclass field's default as `to_toml` writes and TOML reads it back; a sentinel when it has none."""
+    for field in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
+        if field.name != name:
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            break
+        return None if default is None else tomllib.loads(f"value = {_toml_value(default)}")["value"]
+    return object()  # equal to nothing
 
 
 def _literal(text: str) -> Any:

@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 
 from grpo.advantages import ADVANTAGE_SCALINGS
-from grpo.config import ConfigError, build_config, load_sections, parse_overrides, to_toml
+from grpo.config import ConfigError, build_config, config_differences, load_sections, parse_overrides, to_toml
 from grpo.losses import AGGREGATIONS, KL_ESTIMATORS
 from grpo.sft import SFTConfig
 from grpo.trainer import GRPOConfig
@@ -164,3 +164,21 @@ def test_a_reward_named_on_the_command_line_drops_the_files_reward_options():
     assert (named.name, named.options) == ("chgnet-etot+species", {})
     kept = configs_with(DEMO_SECTIONS, preset, ["reward.options.overlap=-1"], reward__name="ehull")["reward"]
     assert kept.options == {"overlap": -1}
+
+
+def test_a_field_added_after_a_run_was_written_counts_as_changed_only_off_its_default():
+    """An old run directory's config.toml lacks the fields added since; at their defaults that run ran as the
+    default does, so resuming it is not a change of settings."""
+    import tomllib
+
+    configs = {"run": RunConfig(model="small"), "grpo": GRPOConfig(lr=1e-4)}
+    saved = tomllib.loads(to_toml(configs))
+    assert config_differences(saved, configs) == []
+    del saved["grpo"]["kl_coef"], saved["run"]["compile"]  # fields the old run did not have
+    assert config_differences(saved, configs) == []
+    configs["grpo"].kl_coef = 0.5
+    assert config_differences(saved, configs) == ["grpo.kl_coef"]
+    del saved["grpo"]["lr"]  # lr is not at its default: the old run cannot be said to have used it
+    assert config_differences(saved, configs) == ["grpo.kl_coef", "grpo.lr"]
+    saved["grpo"]["removed_field"] = 1  # a key the current configs no longer have still differs
+    assert "grpo.removed_field" in config_differences(saved, configs)
