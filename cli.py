@@ -258,6 +258,7 @@ def reproduce(
     data_dir: DataDirOption = None,
     arm: Annotated[list[str] | None, option("--arm", "Run (or continue) only this arm (repeatable).")] = None,
     scale: Annotated[str, option("--scale", "cpu (configs/reproduce.toml), tiny or paper.")] = "cpu",
+    partial: Annotated[bool, option("--partial", "Report the finished arms; run no other.")] = False,
     set_: SetOption = None,
 ) -> None:
     """The paper's experiment: SFT, GRPO arms (E_tot, E_hull, diversity; constrained or not), relaxation,
@@ -267,7 +268,7 @@ def reproduce(
     with user_errors():
         given = [f"run.data_dir={data_dir}"] if data_dir is not None else []
         shared, arms = load_arms(reproduce_preset(scale), [*(set_ or []), *given])
-        reproduce(out, shared, arms, arm)
+        reproduce(out, shared, arms, arm, partial)
 
 
 @app.command()

@@ -62,16 +62,22 @@ class StageLog:
         self.path = path
         self.stages: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
 
-    def done(self, stage: str) -> bool:
-        return self.stages.get(stage, {}).get("done", False)
+    def done(self, stage: str, covers: list[str] | None = None) -> bool:
+        record = self.stages.get(stage, {})
+        return record.get("done", False) and record.get("covers") == covers
 
-    def finish(self, stage: str, seconds: float) -> None:
-        self.stages[stage] = {"done": True, "seconds": round(seconds, 1)}
+    def finish(self, stage: str, seconds: float, covers: list[str] | None = None) -> None:
+        # a stage redone over other `covers` adds its time to the earlier runs' (the work kept from them)
+        earlier = self.stages.get(stage, {}).get("seconds", 0.0) if covers is not None else 0.0
+        self.stages[stage] = {"done": True, "seconds": round(earlier + seconds, 1)}
+        if covers is not None:
+            self.stages[stage]["covers"] = covers
         atomic_write_text(self.path, json.dumps(self.stages, indent=2))
 
-    def run(self, stage: str, work: Callable[[], object]) -> None:
-        """Do `work` unless the stage is finished; record its time."""
-        if self.done(stage):
+    def run(self, stage: str, work: Callable[[], object], covers: list[str] | None = None) -> None:
+        """Do `work` unless the stage is finished (over the same `covers`: e.g. the arms an evaluation took in,
+        so one over more arms runs again); record its time."""
+        if self.done(stage, covers):
             console.print(
                 f"[dim]stage {stage}: done earlier ({self.stages[stage]['seconds']} s), skipped[/dim]"
             )
@@ -79,7 +85,7 @@ class StageLog:
         console.rule(f"stage {stage}")
         start = time.perf_counter()
         work()
-        self.finish(stage, time.perf_counter() - start)
+        self.finish(stage, time.perf_counter() - start, covers)
 
 
 def demo_preset(quick: bool, config: Path | None = None) -> Path:

@@ -128,26 +128,32 @@ def run_arm(out: Path, name: str, configs: dict) -> Path:
     return path
 
 
-def reproduce(out: Path, shared: dict, arms: dict[str, dict], only: list[str] | None = None) -> StageLog:
-    """Run (or continue) the SFT model, the arms (`only`: these, else all), then evaluate and report the arms
-    whose samples exist."""
+def reproduce(
+    out: Path, shared: dict, arms: dict[str, dict], only: list[str] | None = None, partial: bool = False
+) -> StageLog:
+    """Run (or continue) the SFT model and the arms (`only`: these, else all unless `partial`), then evaluate
+    and report the arms whose samples exist: after a plain run, after the last arm, or (`partial`) now. The
+    evaluation stages record the arms they took in; one over more arms runs again and relaxes only the new
+    samples."""
     unknown = sorted(set(only or []) - set(arms))
     if unknown:
         raise PipelineError(f"unknown arm(s) {unknown}; the preset has {', '.join(arms)}")
     refuse_changed_settings(out, shared, resume=True)
-    save_resolved_config(out, shared)
     stages = StageLog(out / "stages.json")
-    chosen = only or list(arms)
+    if partial and not only and not any(stages.done(f"arm:{name}") for name in arms):
+        raise PipelineError(f"{out} has no finished arm to report yet")
+    save_resolved_config(out, shared)
+    chosen = only or ([] if partial else list(arms))
     if any(needs_sft_model(arms[name]) for name in chosen):
         stages.run("sft-model", lambda: sft_model(out, shared))
     for name in chosen:
         stages.run(f"arm:{name}", lambda name=name: run_arm(out, name, arms[name]))
     done = [name for name in arms if stages.done(f"arm:{name}")]
-    if only is None or len(done) == len(arms):
-        stages.run("evaluate", lambda: evaluate_arms(out, shared, done))
+    if only is None or partial or len(done) == len(arms):
+        stages.run("evaluate", lambda: evaluate_arms(out, shared, done), covers=done)
         if shared["reproduce"].rescore:
-            stages.run("rescore", lambda: rescore_arms(out, shared, done))
-        stages.run("report", lambda: write_report(out, shared, arms, done))
+            stages.run("rescore", lambda: rescore_arms(out, shared, done), covers=done)
+        stages.run("report", lambda: write_report(out, shared, arms, done), covers=done)
     return stages
 
 

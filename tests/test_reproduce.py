@@ -113,3 +113,44 @@ def test_unknown_arm_and_scale_are_one_line_errors(tmp_path):
     assert result.exit_code == 1 and "unknown arm(s) ['nope']" in result.output
     result = runner.invoke(app, ["reproduce", "--scale", "huge", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "unknown scale 'huge'" in result.output
+
+
+def test_partial_reports_the_finished_arms_and_the_full_run_adds_the_rest(resumed, tmp_path):
+    """`--partial` evaluates and reports the arms done so far without running the others; the evaluation
+    stages remember which arms they took in, so the full run evaluates again with every arm, relaxing only
+    the samples it had not relaxed."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(resumed[0], out)
+    _, arms = load_arms(reproduce_preset("tiny"), [])
+    log = stages(out)
+    del log["arm:sft"]
+    (out / "stages.json").write_text(json.dumps(log))
+    (out / "samples" / "sft.jsonl").unlink()
+    relaxed = (out / "report" / "relax-chgnet.jsonl").read_text().splitlines()
+    kept = [line for line in relaxed if not json.loads(line)["id"].startswith("sft/")]
+    (out / "report" / "relax-chgnet.jsonl").write_text("".join(line + "\n" for line in kept))
+
+    result = runner.invoke(app, ["reproduce", "--scale", "tiny", "--out", str(out), "--partial"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "samples" / "sft.jsonl").exists()  # no arm ran
+    partial = json.loads((out / "report" / "reproduction.json").read_text())
+    assert set(partial["arms"]) == set(arms) - {"sft"}
+    assert stages(out)["evaluate"]["covers"] == [name for name in arms if name != "sft"]
+    assert len((out / "report" / "relax-chgnet.jsonl").read_text().splitlines()) == len(kept)
+
+    result = runner.invoke(app, ["reproduce", "--scale", "tiny", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    full = json.loads((out / "report" / "reproduction.json").read_text())
+    assert set(full["arms"]) == set(arms) and stages(out)["evaluate"]["covers"] == list(arms)
+    ids = [
+        json.loads(line)["id"] for line in (out / "report" / "relax-chgnet.jsonl").read_text().splitlines()
+    ]
+    assert len(ids) == len(set(ids)) and any(i.startswith("sft/") for i in ids)
+
+
+def test_partial_with_no_finished_arm_is_a_one_line_error(tmp_path):
+    result = runner.invoke(app, ["reproduce", "--scale", "tiny", "--out", str(tmp_path / "r"), "--partial"])
+    assert result.exit_code == 1 and "no finished arm" in result.output
+    assert not (tmp_path / "r").exists()
