@@ -258,7 +258,9 @@ def _quiet_worker() -> None:
     import warnings
 
     warnings.simplefilter("ignore")
-    sys.stdout = open(os.devnull, "w")  # CHGNet prints per structure
+    # CHGNet prints per structure, and to stderr of every cell with an isolated atom: hundreds of lines over
+    # a run of generated cells, between the parent's progress lines
+    sys.stdout = sys.stderr = open(os.devnull, "w")
 
 
 def _worker_main(conn, relaxer: str, options: dict, config: RelaxConfig, settings: dict) -> None:

@@ -296,6 +296,16 @@ def test_failures_are_isolated_and_timeouts_enforced(shared_data_dir, cu_ni, tmp
     assert len(read_jsonl(tmp_path / "r.jsonl")) == 4
 
 
+def test_workers_print_nothing_between_the_progress_lines(capfd, tmp_path):
+    """CHGNet writes a line to stderr for every cell with an isolated atom (no neighbour within 6 A: here a
+    6.2 A cubic cell of one atom); a run over generated cells printed hundreds. The record keeps the outcome."""
+    lonely = Structure(Lattice.cubic(6.2), ["Cu"], [[0, 0, 0]])
+    out = relax_many([("lonely", lonely)], tmp_path / "r.jsonl", workers=1, progress=False)
+    assert "lonely" in out
+    captured = capfd.readouterr()
+    assert "isolated" not in captured.err + captured.out
+
+
 _KILL_SCRIPT = """
 import sys
 from crystals.data import iter_split
