@@ -175,17 +175,14 @@ def config_differences(saved: dict[str, Any], configs: dict[str, Any]) -> list[s
 
 def _field_default(config: Any, name: str) -> Any:
     """A dataclass field's default as `to_toml` writes and TOML reads it back; a sentinel when it has none."""
-    for field in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
-        if field.name != name:
-            continue
-        if field.default is not dataclasses.MISSING:
-            default = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            default = field.default_factory()
-        else:
-            break
-        return None if default is None else tomllib.loads(f"value = {_toml_value(default)}")["value"]
-    return object()  # equal to nothing
+    fields = {f.name: f for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
+    field = fields.get(name)
+    if field is None or (
+        field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+    ):
+        return object()  # equal to nothing
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return None if default is None else tomllib.loads(f"value = {_toml_value(default)}")["value"]
 
 
 def _literal(text: str) -> Any:
