@@ -64,6 +64,23 @@ def reproduce_preset(scale: str) -> Path:
     return preset_path("reproduce" if scale == "cpu" else f"reproduce-{scale}")
 
 
+def arm_changes(name: str, arms: dict, chain: tuple[str, ...] = ()) -> dict:
+    """An arm's `table.key = value` overrides: those of the arm it names in `from` (a variant of it), then
+    its own."""
+    changes = arms[name]
+    if not isinstance(changes, dict):
+        raise PipelineError(f"arms.{name} must be a table of table.key = value overrides")
+    own = {key: value for key, value in changes.items() if key != "from"}
+    parent = changes.get("from")
+    if parent is None:
+        return own
+    if parent not in arms:
+        raise PipelineError(f"arms.{name}: from {parent!r} is not an arm")
+    if parent in (*chain, name):
+        raise PipelineError(f"arms.{name}: `from` loops ({' -> '.join((*chain, name, parent))})")
+    return {**arm_changes(parent, arms, (*chain, name)), **own}
+
+
 def load_arms(path: Path, overrides: list[str]) -> tuple[dict, dict[str, dict]]:
     """(shared configs, {arm: its configs}): each arm's `table.key = value` overrides on the shared ones."""
     arms = read_toml(path).get("arms")
@@ -71,10 +88,8 @@ def load_arms(path: Path, overrides: list[str]) -> tuple[dict, dict[str, dict]]:
         raise PipelineError(f"{path} has no [arms.NAME] tables")
     shared = load_configs(SECTIONS, path, overrides, other_tables=True)
     configs = {}
-    for name, changes in arms.items():
-        if not isinstance(changes, dict):
-            raise PipelineError(f"arms.{name} must be a table of table.key = value overrides")
-        arm_overrides = [f"{key}={value}" for key, value in changes.items()]
+    for name in arms:
+        arm_overrides = [f"{key}={value}" for key, value in arm_changes(name, arms).items()]
         configs[name] = load_configs(SECTIONS, path, [*overrides, *arm_overrides], other_tables=True)
     for name, arm in configs.items():
         if arm["reproduce"].policy == "rl" and arm["reproduce"].baseline not in configs:
