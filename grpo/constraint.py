@@ -12,6 +12,10 @@ places:
 - scoring: ``grpo.policy.response_logprobs`` takes the masked log-softmax with the rollout's masks, so the
   old, new and reference log-probabilities, the ratio, the KL and TIS are those of the policy that sampled.
 
+A ``TokenRule`` narrows a grammar's sets by what a grammar cannot say (a domain's rule that compares the text
+with itself); it sees each constrained row's response text so far and applies in all three places alike (HF
+sampling and replay; a vLLM engine runs the grammar alone, so a rule needs the HF generator).
+
 A rollout's masks are a ``TokenMasks``: one packed bitmask per distinct allowed set (bit v of int32 word v // 32
 set: token v allowed) and, per position, the index of its set. A grammar has few distinct sets (digits, a
 separator, one element symbol...), so this stays small even for a 150k-token vocabulary.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import LogitsProcessor
@@ -44,6 +49,11 @@ def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor([1 << b for b in range(BITS)], dtype=torch.int64, device=allowed.device)
     packed = (padded.view(*allowed.shape[:-1], words, BITS).long() * weights).sum(-1)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # two's complement
+
+
+def _has_bit(bitmask: torch.Tensor, token: int) -> bool:
+    """Whether a packed row [W] allows `token`."""
+    return bool((int(bitmask[token // BITS]) >> (token % BITS)) & 1)
 
 
 @dataclass
@@ -93,12 +103,33 @@ class ConstraintError(RuntimeError):
     """A response the grammar forbids, or a prefix after which it allows no token at all."""
 
 
+class TokenRule(Protocol):
+    """What a grammar cannot state, on top of it: tokens to forbid given a constrained row's response text so
+    far. A pure function of its arguments (sampling and replay must agree); it only removes tokens, and when it
+    would remove every candidate it should remove none (an empty set is an error)."""
+
+    def watches(self, text: str) -> bool:
+        """Whether the rule may forbid anything after `text` (cheap: called for every row at every step)."""
+        ...
+
+    def forbidden(self, text: str, candidates: Sequence[int], token_texts: Sequence[str]) -> Sequence[int]:
+        """The ids among `candidates` (those the grammar allows) to forbid; `token_texts[id]` is a token's
+        text."""
+        ...
+
+
 class GrammarConstraint:
     """xgrammar matchers for one tokenizer and a vocabulary of ``vocab_size`` logits (the model's output size,
     which may exceed the tokenizer's length; extra ids are never allowed). The end-of-sequence tokens are the
-    stop tokens: allowed exactly where the grammar can end."""
+    stop tokens: allowed exactly where the grammar can end. ``rule`` narrows every grammar's sets further."""
 
-    def __init__(self, tokenizer, vocab_size: int | None = None, stop_token_ids: Sequence[int] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        rule: TokenRule | None = None,
+    ):
         import xgrammar as xgr
 
         self._xgr = xgr
@@ -112,6 +143,11 @@ class GrammarConstraint:
         self.words = (self.vocab_size + BITS - 1) // BITS
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self._compiled: dict[str, object] = {}
+        self.rule = rule
+        # each token's text as xgrammar decodes it (byte-level and SentencePiece vocabularies alike)
+        self.token_texts = (
+            [piece.decode("utf-8", errors="replace") for piece in info.decoded_vocab] if rule else []
+        )
 
     def matcher(self, spec: str):
         """A fresh matcher at the start of a response under grammar `spec`."""
@@ -119,11 +155,23 @@ class GrammarConstraint:
             self._compiled[spec] = self._compiler.compile_grammar(spec)
         return self._xgr.GrammarMatcher(self._compiled[spec])
 
-    def fill(self, matcher, out: torch.Tensor, row: int) -> None:
-        """The tokens `matcher` allows next into out[row] (packed); an empty set is a ConstraintError."""
+    def fill(self, matcher, out: torch.Tensor, row: int, text: str = "") -> None:
+        """The tokens `matcher` allows next into out[row] (packed), narrowed by the rule given the response
+        `text` so far; an empty set is a ConstraintError."""
         matcher.fill_next_token_bitmask(out, row)
+        if self.rule is not None and self.rule.watches(text):
+            allowed = unpack_bitmask(out[row], self.vocab_size)
+            candidates = allowed.nonzero().flatten().tolist()
+            forbidden = list(self.rule.forbidden(text, candidates, self.token_texts))
+            if forbidden:
+                allowed[forbidden] = False
+                out[row] = pack_bitmask(allowed)
         if not bool(out[row].any()):
             raise ConstraintError("the grammar allows no next token (a grammar that cannot be completed)")
+
+    def text_of(self, token: int) -> str:
+        """A token's text, as the rule reads it ("" without a rule: nothing reads it)."""
+        return self.token_texts[token] if self.rule is not None and token < len(self.token_texts) else ""
 
     def replay(
         self, specs: Sequence[str | None], response_ids: torch.Tensor, response_mask: torch.Tensor
@@ -138,13 +186,15 @@ class GrammarConstraint:
                 continue
             matcher = self.matcher(spec)
             length = int(response_mask[row].sum())
+            text = ""
             for t, token in enumerate(response_ids[row, :length].tolist()):
-                self.fill(matcher, buffer, 0)
+                self.fill(matcher, buffer, 0, text)
                 index[row, t] = table.add(buffer[0])
-                if not matcher.accept_token(token):
+                if not _has_bit(buffer[0], token) or not matcher.accept_token(token):  # rule, then grammar
                     raise ConstraintError(
                         f"row {row}, position {t}: token {token} is not allowed by its grammar"
                     )
+                text += self.text_of(token)
         return TokenMasks(index, table.tensor(), self.vocab_size)
 
 
@@ -156,6 +206,7 @@ class ConstraintLogitsProcessor(LogitsProcessor):
     def __init__(self, constraint: GrammarConstraint, specs: Sequence[str | None]):
         self.constraint = constraint
         self.matchers = [constraint.matcher(spec) if spec is not None else None for spec in specs]
+        self.texts = [""] * len(specs)  # each row's response so far, for the constraint's rule
         self.table = _MaskTable(constraint.words)
         self.steps: list[list[int]] = []  # per step, each row's table index
         self._bitmask = torch.zeros((len(specs), constraint.words), dtype=torch.int32)
@@ -164,14 +215,16 @@ class ConstraintLogitsProcessor(LogitsProcessor):
         if self.steps:  # the token sampled at the previous step
             for row, matcher in enumerate(self.matchers):
                 if matcher is not None and not matcher.is_terminated():
-                    if not matcher.accept_token(int(input_ids[row, -1])):
+                    token = int(input_ids[row, -1])
+                    if not matcher.accept_token(token):
                         raise ConstraintError(f"row {row}: sampled a token its grammar forbids")
+                    self.texts[row] += self.constraint.text_of(token)
         step = []
         for row, matcher in enumerate(self.matchers):
             if matcher is None or matcher.is_terminated():
                 self._bitmask[row] = -1
             else:
-                self.constraint.fill(matcher, self._bitmask, row)
+                self.constraint.fill(matcher, self._bitmask, row, self.texts[row])
             step.append(self.table.add(self._bitmask[row]))
         self.steps.append(step)
         allowed = unpack_bitmask(self._bitmask, scores.shape[-1]).to(scores.device)

@@ -19,6 +19,7 @@ from grpo.constraint import (
     ConstraintLogitsProcessor,
     GrammarConstraint,
     TokenMasks,
+    TokenRule,
     concat_masks,
     min_length_masks,
 )
@@ -195,9 +196,11 @@ class HFGenerator:
         max_prompt_tokens: int = 1024,
         synced_gpus: bool = False,
         compute_dtype: torch.dtype = torch.float32,
+        token_rule: TokenRule | None = None,
     ):
         """`compute_dtype`: what sampling multiplies in (bfloat16 over float32 weights: autocast around the whole
-        generate call, grpo.precision), as the trainer's log-prob passes should, so both see one policy."""
+        generate call, grpo.precision), as the trainer's log-prob passes should, so both see one policy.
+        `token_rule` narrows every constrained row's grammar (grpo.constraint.TokenRule)."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -210,13 +213,17 @@ class HFGenerator:
         eos = tokenizer.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
         self._constraint: GrammarConstraint | None = None
+        self.token_rule = token_rule
         self.compute = compute_context(model, compute_dtype)
 
     def constraint(self) -> GrammarConstraint:
         """The grammar compiler for this tokenizer and model (built on first use)."""
         if self._constraint is None:
             self._constraint = GrammarConstraint(
-                self.tokenizer, output_vocab_size(self.model), stop_token_ids=self.eos_token_ids
+                self.tokenizer,
+                output_vocab_size(self.model),
+                stop_token_ids=self.eos_token_ids,
+                rule=self.token_rule,
             )
         return self._constraint
 
@@ -320,6 +327,7 @@ def build_generator(
     tokenizer,
     weights_dir: str | Path,
     compute_dtype: torch.dtype = torch.float32,
+    token_rule: TokenRule | None = None,
 ) -> Generator:
     """The rollout engine a config names; `compute_dtype` is what the HF generator samples in (the trainer's,
     see grpo.precision; a vLLM engine has its own `dtype`). A vLLM engine starts from the model's current weights, saved once to
@@ -336,7 +344,10 @@ def build_generator(
             batch_size=config.batch_size,
             max_prompt_tokens=config.max_prompt_tokens,
             compute_dtype=compute_dtype,
+            token_rule=token_rule,
         )
+    if token_rule is not None:  # vLLM runs the grammar alone: its samples would break the rule at replay
+        raise ValueError(f"a token rule needs the hf generator, not {config.kind}")
     from grpo.distributed import is_main, save_pretrained_full, world_size
     from grpo.models import save_model
     from grpo.vllm_generator import VLLMGenerator, VLLMServerGenerator

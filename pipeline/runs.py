@@ -20,6 +20,7 @@ from crystals.data import iter_split, split_formulas
 from crystals.grammar import SEPARATORS, structure_grammar
 from crystals.prompts import CrystalPrompt, PromptBuilder, parse_formula
 from crystals.sample import Sample
+from crystals.separation import SeparationRule
 from crystals.text import (
     ParseError,
     canonical_structure,
@@ -112,6 +113,24 @@ def response_grammar(run: RunConfig, formula: str) -> str | None:
         )
     except ValueError as err:
         raise PipelineError(f"constraint {run.constraint!r} for {formula}: {err}") from None
+
+
+def token_rule(run: RunConfig, generator: GeneratorConfig) -> SeparationRule | None:
+    """The rule on top of the run's grammar (`run.separation`), or None; it needs the HF generator."""
+    if not run.separation or run.constraint == "none":
+        return None
+    if generator.kind != "hf":
+        raise PipelineError(
+            f"run.separation needs the hf generator (a vLLM engine runs the grammar alone), not {generator.kind}"
+        )
+    return SeparationRule(run.separation)
+
+
+def constraint_label(run: RunConfig) -> str:
+    """What the samples were drawn under, as sample records and report rows name it."""
+    if run.separation and run.constraint != "none":
+        return f"{run.constraint} + separation {run.separation:g}"
+    return run.constraint
 
 
 def crystal_prompt_items(
@@ -355,7 +374,12 @@ def run_grpo(
         prompts = crystal_prompt_items(run, formulas, tokenizer, prompt_builder(run))
         try:
             generator = build_generator(
-                generator_config, policy, tokenizer, out / "vllm_weights", COMPUTE_DTYPES[run.compute_dtype]
+                generator_config,
+                policy,
+                tokenizer,
+                out / "vllm_weights",
+                COMPUTE_DTYPES[run.compute_dtype],
+                token_rule(run, generator_config),
             )
         except ImportError as err:
             raise PipelineError(str(err)) from None
@@ -471,7 +495,7 @@ def generate_samples(
         rollout = generator.generate(texts, n, sampling, None if run.constraint == "none" else specs)
         for i, text in enumerate(decode_responses(tokenizer, rollout)):
             sample_id = f"{prompts[i // n].formula}-{start + i // n}-{i % n}"
-            records.append(sample_record(prompts[i // n], sample_id, text, run.constraint))
+            records.append(sample_record(prompts[i // n], sample_id, text, constraint_label(run)))
     return records
 
 
@@ -516,6 +540,7 @@ def write_samples(
             tokenizer,
             out.parent / f".{out.stem}-engine",
             COMPUTE_DTYPES[run.compute_dtype],
+            token_rule(run, generator_config),
         )
     except ImportError as err:
         raise PipelineError(str(err)) from None

@@ -1,0 +1,148 @@
+"""crystals/separation.py: the heights it frees are those pymatgen's periodic distances free, the tokens it
+forbids are exactly those whose every completion lands on an earlier atom, and sampling under it (HF, formula
+grammar) writes structures that pass the covalent validity rule, with the masks replayed as sampled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.data import atomic_numbers, covalent_radii
+from pymatgen.core import Lattice
+
+from crystals.grammar import structure_grammar
+from crystals.separation import GRID, SeparationRule, free_heights, lattice_matrix
+from crystals.text import parse_structure
+from crystals.validity import check_structure_covalent
+from grpo.constraint import ConstraintError, GrammarConstraint
+from grpo.generation import HFGenerator, SamplingConfig, decode_responses, output_vocab_size
+from tests.test_constraint import crystal_model  # noqa: F401  (the fixture)
+
+LATTICE = "4.0 4.0 4.0 90 90 90"
+
+
+def brute_force_free(lattice: Lattice, sites, symbols, new_symbol, x, y, scale=0.5) -> np.ndarray:
+    """Each grid height tested with pymatgen's exact periodic distance (every image)."""
+    free = []
+    for k in range(GRID):
+        point = [x, y, k / GRID]
+        ok = True
+        for site, symbol in zip(sites, symbols, strict=True):
+            limit = scale * (
+                covalent_radii[atomic_numbers[symbol]] + covalent_radii[atomic_numbers[new_symbol]]
+            )
+            ok &= lattice.get_distance_and_image(point, site)[0] > limit
+        free.append(ok)
+    return np.array(free)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_free_heights_match_pymatgen_periodic_distances(seed):
+    """Random reduced-like cells, some of them narrow (where images beyond the first shell are nearer)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.uniform(1.2, 6.0, 3)
+    angles = rng.uniform(62, 88, 3) if seed % 2 else rng.uniform(92, 118, 3)
+    lattice = Lattice.from_parameters(*lengths, *angles)
+    ours = lattice_matrix(*lengths, *angles)  # another orientation than pymatgen's, the same metric
+    assert np.allclose(ours @ ours.T, lattice.matrix @ lattice.matrix.T)
+    symbols = list(rng.choice(["Cs", "O", "Si", "Ba"], 3))
+    sites = rng.integers(0, GRID, (3, 3)) / GRID
+    x, y = rng.integers(0, GRID, 2) / GRID
+    thresholds = 0.5 * (
+        covalent_radii[[atomic_numbers[s] for s in symbols]] + covalent_radii[atomic_numbers["O"]]
+    )
+    ours = free_heights(lattice_matrix(*lengths, *angles), sites, thresholds, x, y)
+    assert np.array_equal(ours, brute_force_free(lattice, sites, symbols, "O", x, y))
+
+
+def test_forbidden_tokens_are_those_whose_completions_all_overlap():
+    """Na at the origin of a 4 A cube, Cl at x = y = 0: Na-Cl needs 0.5 (1.66 + 1.02) = 1.34 A, so only
+    z in 0.34..0.66 is free. Whole-number tokens and digit-level tokens alike."""
+    rule = SeparationRule(0.5)
+    text = f"{LATTICE}\nNa 0.00 0.00 0.00\nCl 0.00 0.00"
+    assert rule.watches(text) and rule.watches(text + " 0.")
+    whole = [f" 0.{k:02d}" for k in range(GRID)]
+    forbidden = set(rule.forbidden(text, range(GRID), whole))
+    assert forbidden == {k for k in range(GRID) if not 34 <= k <= 66}
+    pieces = [" 0.", " 0", "3", "4", "9", ".", "35\n", " 0.3", " 0.2"]
+    ids = range(len(pieces))
+    # y is still being written for the tokens without a space; " 0.2" leaves only 0.20-0.29, all taken
+    assert [pieces[i] for i in rule.forbidden(text, ids, pieces)] == [" 0.2"]
+    assert [pieces[i] for i in rule.forbidden(text + " 0.", ids, pieces)] == ["9"]  # 0.90-0.99 wrap to Na
+    # at "0.3" only the second digit is left: 0.30-0.33 overlap, 0.34-0.39 are free
+    digits = [str(d) for d in range(10)]
+    assert [digits[i] for i in rule.forbidden(text + " 0.3", range(10), digits)] == ["0", "1", "2", "3"]
+
+
+def test_nothing_is_restricted_before_a_second_atom_or_when_no_height_is_free():
+    rule = SeparationRule(0.5)
+    whole = [f" 0.{k:02d}" for k in range(GRID)]
+    assert not rule.watches(f"{LATTICE}\nNa 0.00 0.00")  # the first atom has nothing to keep away from
+    assert not rule.watches(f"{LATTICE}\nNa 0.00 0.00 0.00\nCl")  # its x is not written yet
+    crowded = "1.5 1.5 1.5 90 90 90\nCs 0.00 0.00 0.00\nCs 0.50 0.50"  # Cs-Cs 2.44 A > any z in a 1.5 A cell
+    assert rule.watches(crowded) and rule.forbidden(crowded, range(GRID), whole) == []
+    with pytest.raises(ValueError, match="> 0"):
+        SeparationRule(0.0)
+
+
+def prompts_for(tokenizer, formulas):
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f}], add_generation_prompt=True, tokenize=False
+        )
+        for f in formulas
+    ]
+
+
+def test_sampling_under_the_rule_passes_the_validity_rule_and_replays(crystal_model):  # noqa: F811
+    """An untrained model under `formula`: with the rule every sample keeps its atoms apart (where a free z
+    existed), more samples pass the covalent rule than without it, and the masks replayed from the tokens are
+    those applied while sampling; a response that breaks the rule does not replay."""
+    model, tokenizer = crystal_model
+    rule = SeparationRule(0.5)
+    formulas = ["NaCl", "SiO2", "BaTiO3", "Li2O"]
+    specs = [structure_grammar("formula", f, layout="lines", max_atoms=12) for f in formulas]
+    sampling = SamplingConfig(max_new_tokens=120, seed=3)
+    valid = {}
+    for name, token_rule in (("without", None), ("with", rule)):
+        generator = HFGenerator(model, tokenizer, batch_size=16, token_rule=token_rule)
+        rollout = generator.generate(prompts_for(tokenizer, formulas), 4, sampling, specs)
+        structures = [parse_structure(text) for text in decode_responses(tokenizer, rollout)]
+        valid[name] = sum(bool(check_structure_covalent(s)) for s in structures)
+    assert valid["with"] >= max(valid["without"] + 1, 14), valid
+
+    constraint = GrammarConstraint(tokenizer, output_vocab_size(model), rule=rule)
+    row_specs = [spec for spec in specs for _ in range(4)]
+    replayed = constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
+    inside = rollout.response_mask.bool()
+    assert torch.equal(replayed.allowed()[inside], rollout.masks.allowed()[inside])
+
+    overlapping = (
+        f"{LATTICE}\nNa 0.00 0.00 0.00\nCl 0.00 0.00 0.00"  # the grammar allows it, the rule does not
+    )
+    ids = tokenizer(overlapping, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    grammar = structure_grammar("formula", "NaCl", layout="lines")
+    GrammarConstraint(tokenizer, output_vocab_size(model)).replay(
+        [grammar], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
+    )
+    with pytest.raises(ConstraintError, match="row 0"):
+        constraint.replay([grammar], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+
+
+def test_the_rule_is_refused_with_a_vllm_generator_and_named_in_the_sample_records():
+    """vLLM runs the grammar alone, so its samples could break the rule at replay: a one-line refusal."""
+    from grpo.generation import GeneratorConfig, build_generator
+    from pipeline.config import PipelineError, RunConfig
+    from pipeline.runs import constraint_label, token_rule
+
+    run = RunConfig(constraint="formula", separation=0.5)
+    assert isinstance(token_rule(run, GeneratorConfig(kind="hf")), SeparationRule)
+    assert token_rule(RunConfig(constraint="none", separation=0.5), GeneratorConfig(kind="hf")) is None
+    with pytest.raises(PipelineError, match="needs the hf generator"):
+        token_rule(run, GeneratorConfig(kind="vllm"))
+    with pytest.raises(ValueError, match="needs the hf generator"):
+        build_generator(GeneratorConfig(kind="vllm"), None, None, "unused", token_rule=SeparationRule())
+    assert constraint_label(run) == "formula + separation 0.5"
+    assert constraint_label(RunConfig(constraint="formula")) == "formula"
+    with pytest.raises(ValueError, match="separation must be >= 0"):
+        RunConfig(separation=-1.0)
