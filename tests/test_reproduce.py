@@ -154,3 +154,31 @@ def test_partial_with_no_finished_arm_is_a_one_line_error(tmp_path):
     result = runner.invoke(app, ["reproduce", "--scale", "tiny", "--out", str(tmp_path / "r"), "--partial"])
     assert result.exit_code == 1 and "no finished arm" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_an_arm_from_another_takes_its_overrides_then_its_own(tmp_path):
+    """`from` copies the named arm's overrides (chained), the arm's own win; a loop or an unknown arm is a
+    one-line error."""
+    from pipeline.config import PipelineError
+
+    preset = tmp_path / "arms.toml"
+    preset.write_text(
+        f'extends = "{reproduce_preset("tiny")}"\n'
+        + '\n[arms.a]\n"reward.name" = "ehull"\n"grpo.lr" = 0.5\n'
+        + '[arms.b]\nfrom = "a"\n"grpo.lr" = 0.25\n'
+        + '[arms.c]\nfrom = "b"\n"grpo.group_size" = 3\n'
+    )
+    _, arms = load_arms(preset, [])
+    assert (arms["b"]["reward"].name, arms["b"]["grpo"].lr) == ("ehull", 0.25)
+    assert (arms["c"]["reward"].name, arms["c"]["grpo"].lr, arms["c"]["grpo"].group_size) == (
+        "ehull",
+        0.25,
+        3,
+    )
+    assert arms["a"]["grpo"].lr == 0.5
+    preset.write_text(preset.read_text() + '[arms.d]\nfrom = "e"\n[arms.e]\nfrom = "d"\n')
+    with pytest.raises(PipelineError, match="loops"):
+        load_arms(preset, [])
+    preset.write_text(preset.read_text().replace('from = "e"', 'from = "nope"'))
+    with pytest.raises(PipelineError, match="'nope' is not an arm"):
+        load_arms(preset, [])
