@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.reproduce import load_arms, reproduce_preset
+from pipeline.runs import constraint_label
 
 runner = CliRunner()
 CONSOLE_SCRIPT = Path(sys.executable).with_name("crystal-grpo")
@@ -76,7 +77,8 @@ def test_each_trained_arm_has_its_run_directory_and_every_arm_its_samples(resume
     _, arms = load_arms(reproduce_preset("tiny"), [])
     for name, configs in arms.items():
         records = [json.loads(line) for line in (out / "samples" / f"{name}.jsonl").read_text().splitlines()]
-        assert records and all(r["constraint"] == configs["run"].constraint for r in records)
+        label = constraint_label(configs["run"])  # e.g. "formula + separation 0.5"
+        assert records and all(r["constraint"] == label for r in records)
         if configs["reproduce"].policy == "rl":
             assert (out / "arms" / name / "final_model" / "model.safetensors").is_file()
             saved = (out / "arms" / name / "config.toml").read_text()
