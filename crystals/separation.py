@@ -23,19 +23,10 @@ from collections.abc import Sequence
 
 import numpy as np
 from ase.data import atomic_numbers, covalent_radii
+from pymatgen.core import Lattice
 
 GRID = 100  # coordinates are written 0.00-0.99 (crystals.grammar)
 _Z_PREFIX = re.compile(r"0(\.\d{0,2})?")
-
-
-def lattice_matrix(a: float, b: float, c: float, alpha: float, beta: float, gamma: float) -> np.ndarray:
-    """Row vectors of the cell from its lengths (A) and angles (degrees): a along x, b in the xy plane."""
-    ca, cb, cg = (math.cos(math.radians(angle)) for angle in (alpha, beta, gamma))
-    sg = math.sin(math.radians(gamma))
-    cx = cb
-    cy = (ca - cb * cg) / sg
-    cz = math.sqrt(max(0.0, 1.0 - cx * cx - cy * cy))
-    return np.array([[a, 0.0, 0.0], [b * cg, b * sg, 0.0], [c * cx, c * cy, c * cz]])
 
 
 def free_heights(
@@ -95,8 +86,7 @@ class SeparationRule:
             return []
         fields, partial = state
         try:
-            numbers = [float(v) for v in fields[:6]]
-            matrix = lattice_matrix(*numbers)
+            matrix = Lattice.from_parameters(*(float(v) for v in fields[:6])).matrix
             atoms = fields[6:]
             done = len(atoms) // 4 * 4
             sites = np.array([[float(v) for v in atoms[i + 1 : i + 4]] for i in range(0, done, 4)])
@@ -110,14 +100,11 @@ class SeparationRule:
         forbidden = []
         for token in candidates:
             y_text, z_text = self._coordinates(written_y, partial, token_texts[token])
-            if z_text is None:
+            if z_text is None or _Z_PREFIX.fullmatch(z_text) is None:
                 continue
-            match = _Z_PREFIX.fullmatch(z_text)
             try:
                 y = float(y_text)
             except ValueError:
-                continue
-            if match is None:
                 continue
             if y not in free:
                 free[y] = free_heights(matrix, sites, thresholds, x, y)
@@ -134,11 +121,9 @@ class SeparationRule:
     @staticmethod
     def _coordinates(written_y: str | None, partial: str, token: str) -> tuple[str, str | None]:
         """(y, the z written so far) after appending `token`; z None while it has not started."""
-        if written_y is not None:  # y is complete: the partial field (maybe empty) and the token begin z
-            rest = partial + token
-            return written_y, rest.split()[0] if rest.split() else None
         pieces = (partial + token).split()
-        joined = partial + token
-        if len(pieces) < 2 and not (pieces and joined[len(joined.rstrip()) :]):
-            return "", None  # still inside y
-        return pieces[0], pieces[1] if len(pieces) > 1 else None
+        if written_y is not None:  # y is complete: the partial field (maybe empty) and the token begin z
+            return written_y, pieces[0] if pieces else None
+        if len(pieces) < 2:  # still inside y, or y just ended: z has not started
+            return "", None
+        return pieces[0], pieces[1]
