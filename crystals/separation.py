@@ -2,21 +2,21 @@
 
 A grammar (``crystals.grammar``) fixes the composition and the number format, not where atoms sit, and a small
 model's commonest failure is an atom written on top of an earlier one (a non-finite energy, a relaxation that
-never starts). ``SeparationRule`` forbids, while sampling, the tokens that would finish the z coordinate of an
-atom closer than ``scale * (r_i + r_j)`` (covalent radii; 0.5 is the validity rule of the paper, section 5.3,
+never starts). ``SeparationRule`` forbids, while sampling, the tokens that would place an atom closer than ``scale * (r_i + r_j)`` (covalent radii; 0.5 is the validity rule of the paper, section 5.3,
 ``crystals.validity.check_structure_covalent``) to an earlier atom of the same cell, periodic images included.
 
 It reads the response text so far, which the grammar has made well formed: six lattice numbers, then atoms as
-``El x y z`` with coordinates ``0.dd`` (whitespace between fields, newline or space between atoms). Only z is
-restricted: once x and y are written, every z on the 0.01 grid is tested at once. A token that leaves z
-unfinished (``" 0."``) stays allowed while some completion is free. When no z is free for the chosen (x, y)
-the rule forbids nothing and the sample overlaps as it would have (the reward's overlap penalty then counts
-it). The rule is a pure function of the text, so sampling and re-scoring (``grpo.constraint``) give the same
-masks.
+``El x y z`` with coordinates ``0.dd`` (whitespace between fields, newline or space between atoms). y and z are
+steered, x is not: a token is forbidden when every (y, z) on the 0.01 grid that the coordinates it writes can
+still end at is taken, so a token that leaves y or z unfinished (``" 0."``) stays allowed while some completion
+is free, and y is never chosen where no z is left. When nothing at the chosen x is free the rule forbids
+nothing and the sample overlaps as it would have (the reward's overlap penalty then counts it). The rule is a
+pure function of the text, so sampling and re-scoring (``grpo.constraint``) give the same masks.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -26,33 +26,63 @@ from ase.data import atomic_numbers, covalent_radii
 from pymatgen.core import Lattice
 
 GRID = 100  # coordinates are written 0.00-0.99 (crystals.grammar)
-_Z_PREFIX = re.compile(r"0(\.\d{0,2})?")
+_PREFIX = re.compile(r"0(\.\d{0,2})?")
 
 
-def free_heights(
-    matrix: np.ndarray, sites: np.ndarray, thresholds: np.ndarray, x: float, y: float
-) -> np.ndarray:
-    """bool [GRID]: for each z = k / GRID, whether an atom at (x, y, z) keeps every distance to the earlier
-    `sites` (fractional, [n, 3]) above its threshold ([n], A), over every periodic image that could be nearer.
+def free_plane(matrix: np.ndarray, sites: np.ndarray, thresholds: np.ndarray, x: float) -> np.ndarray:
+    """bool [GRID, GRID]: for each (y, z) = (j, k) / GRID, whether an atom at (x, y, z) keeps every distance
+    to the earlier `sites` (fractional, [n, 3]) above its threshold ([n], A), over every periodic image.
 
-    Images: with the difference wrapped into [-0.5, 0.5), image n along axis i is at least
-    |d_i + n| * w_i away (w_i: the cell's width across the planes of the other two axes), so |n| <=
-    ceil(t / w_i + 0.5) covers every image within the largest threshold t."""
+    The distance to image s + m of a site is sqrt(d G d) with d = p - s - m and G = M M^T the metric of the
+    cell matrix M (rows: lattice vectors). It is at least |d_i| w_i along each axis i (w_i: the cell's width
+    across the planes of the other two axes), so only the images with |d_i| <= t / w_i somewhere on the
+    plane can come within t; those few are tested on the whole grid at once."""
     volume = abs(np.linalg.det(matrix))
-    widths = np.array(
-        [volume / np.linalg.norm(np.cross(matrix[j], matrix[k])) for j, k in ((1, 2), (2, 0), (0, 1))]
-    )
-    reach = [int(math.ceil(thresholds.max() / w + 0.5)) for w in widths]
-    images = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), axis=-1).reshape(
-        -1, 3
-    )
-    heights = np.arange(GRID) / GRID
-    points = np.stack([np.full(GRID, x), np.full(GRID, y), heights], axis=1)  # [G, 3]
-    delta = points[:, None, :] - sites[None, :, :]  # [G, n, 3]
-    delta -= np.round(delta)
-    cartesian = (delta[:, :, None, :] + images[None, None, :, :]) @ matrix  # [G, n, I, 3]
-    distance = np.linalg.norm(cartesian, axis=-1).min(axis=-1)  # [G, n]
-    return (distance > thresholds[None, :]).all(axis=1)
+    widths = [volume / np.linalg.norm(np.cross(matrix[j], matrix[k])) for j, k in ((1, 2), (2, 0), (0, 1))]
+    metric = matrix @ matrix.T
+    grid = np.arange(GRID) / GRID
+    pairs = []  # (offset along x, site y + image, site z + image, threshold^2)
+    for site, threshold in zip(sites, thresholds, strict=True):
+        reach = [threshold / w for w in widths]
+        # image m_i can come within t only if some point of the plane has |p_i - s_i - m_i| <= t / w_i
+        low = [x - site[0] - reach[0], grid[0] - site[1] - reach[1], grid[0] - site[2] - reach[2]]
+        high = [x - site[0] + reach[0], grid[-1] - site[1] + reach[1], grid[-1] - site[2] + reach[2]]
+        images = [range(math.ceil(lo), math.floor(hi) + 1) for lo, hi in zip(low, high, strict=True)]
+        for mx in images[0]:
+            for my in images[1]:
+                for mz in images[2]:
+                    pairs.append((x - site[0] - mx, site[1] + my, site[2] + mz, threshold**2))
+    free = np.ones((GRID, GRID), dtype=bool)
+    for start in range(0, len(pairs), 64):  # bounded memory: 64 x GRID^2 distances at a time
+        a, sy, sz, limit = (np.array(column) for column in zip(*pairs[start : start + 64], strict=True))
+        b = grid[None, :] - sy[:, None]  # [P, G] along y
+        c = grid[None, :] - sz[:, None]  # [P, G] along z
+        along_y = 2 * metric[0, 1] * a[:, None] * b + metric[1, 1] * b**2
+        along_z = 2 * metric[0, 2] * a[:, None] * c + metric[2, 2] * c**2
+        squared = (
+            (metric[0, 0] * a**2)[:, None, None]
+            + along_y[:, :, None]
+            + along_z[:, None, :]
+            + 2 * metric[1, 2] * b[:, :, None] * c[:, None, :]
+        )
+        free &= ~(squared <= limit[:, None, None]).any(axis=0)
+    return free
+
+
+@functools.lru_cache(maxsize=4096)
+def _free_plane_of(lattice: tuple[str, ...], atoms: tuple[str, ...], element: str, x: str, scale: float):
+    """free_plane for the atom `element` at `x` after the written `atoms` (El x y z ...) in the written
+    `lattice`; None when the text is not what the grammar writes. Cached: every step of an atom asks again."""
+    try:
+        matrix = Lattice.from_parameters(*(float(v) for v in lattice)).matrix
+        sites = np.array([[float(v) for v in atoms[i + 1 : i + 4]] for i in range(0, len(atoms), 4)])
+        radii = covalent_radii[[atomic_numbers[atoms[i]] for i in range(0, len(atoms), 4)]]
+        thresholds = scale * (radii + covalent_radii[atomic_numbers[element]])
+        free = free_plane(matrix, sites, thresholds, float(x))
+    except (ValueError, KeyError, IndexError):  # leave malformed text to the grammar
+        return None
+    free.flags.writeable = False  # shared by every caller of the cache
+    return free
 
 
 class SeparationRule:
@@ -66,64 +96,49 @@ class SeparationRule:
 
     @staticmethod
     def _state(text: str) -> tuple[list[str], str] | None:
-        """(complete fields, the unfinished last field) when the text is inside an atom with its x written
+        """(complete fields, the unfinished last field) when the text is inside an atom, its element written,
         after at least one earlier atom; else None (nothing to restrict yet)."""
         fields = text.split()
         partial = "" if not text or text[-1].isspace() else fields.pop()
         atoms = len(fields) - 6
-        if atoms < 4 + 2 or atoms % 4 < 2:  # the lattice, one atom, then an element and its x
+        if atoms < 4 + 1 or atoms % 4 < 1:  # the lattice, one atom, then an element
             return None
         return fields, partial
 
     def watches(self, text: str) -> bool:
-        """Whether the next token may settle a z this rule tests (the current atom's x is written)."""
+        """Whether the next token may settle a y or z this rule tests (the current atom's element is written)."""
         return self._state(text) is not None
 
     def forbidden(self, text: str, candidates: Sequence[int], token_texts: Sequence[str]) -> list[int]:
-        """The candidates that would finish (or leave only overlapping completions of) the current atom's z."""
+        """The candidates after which every completion of the current atom's (y, z) lands on an earlier atom."""
         state = self._state(text)
         if state is None:
             return []
         fields, partial = state
-        try:
-            matrix = Lattice.from_parameters(*(float(v) for v in fields[:6])).matrix
-            atoms = fields[6:]
-            done = len(atoms) // 4 * 4
-            sites = np.array([[float(v) for v in atoms[i + 1 : i + 4]] for i in range(0, done, 4)])
-            radii = covalent_radii[[atomic_numbers[atoms[i]] for i in range(0, done, 4)]]
-            element, x = atoms[done], float(atoms[done + 1])
-            thresholds = self.scale * (radii + covalent_radii[atomic_numbers[element]])
-            written_y = atoms[done + 2] if len(atoms) - done == 3 else None
-        except (ValueError, KeyError, IndexError):  # not the text the grammar writes: leave it to the grammar
-            return []
-        free: dict[float, np.ndarray] = {}
+        done = 6 + (len(fields) - 6) // 4 * 4
+        lattice, atoms, element = tuple(fields[:6]), tuple(fields[6:done]), fields[done]
+        written = fields[done + 1 :]  # the current atom's complete coordinates (x, maybe y)
         forbidden = []
         for token in candidates:
-            y_text, z_text = self._coordinates(written_y, partial, token_texts[token])
-            if z_text is None or _Z_PREFIX.fullmatch(z_text) is None:
+            coordinates = [*written, *(partial + token_texts[token]).split()][:3]
+            if len(coordinates) < 2:  # x is not finished: x is not steered
                 continue
-            try:
-                y = float(y_text)
-            except ValueError:
+            ys = _grid_range(coordinates[1])
+            zs = _grid_range(coordinates[2] if len(coordinates) == 3 else "0")
+            if ys is None or zs is None:  # not a coordinate the grammar writes
                 continue
-            if y not in free:
-                free[y] = free_heights(matrix, sites, thresholds, x, y)
-            heights = free[y]
-            if not heights.any():  # nowhere to go: the rule gives up on this atom
-                continue
-            digits = z_text[2:]
-            low = int(digits.ljust(2, "0")) if digits else 0
-            high = int(digits.ljust(2, "9")) if digits else GRID - 1
-            if not heights[low : high + 1].any():
+            free = _free_plane_of(lattice, atoms, element, coordinates[0], self.scale)
+            # forbidden when nothing it leaves is free, unless nothing at this x is (the rule gives up)
+            if free is not None and not free[ys, zs].any() and free.any():
                 forbidden.append(token)
         return forbidden
 
-    @staticmethod
-    def _coordinates(written_y: str | None, partial: str, token: str) -> tuple[str, str | None]:
-        """(y, the z written so far) after appending `token`; z None while it has not started."""
-        pieces = (partial + token).split()
-        if written_y is not None:  # y is complete: the partial field (maybe empty) and the token begin z
-            return written_y, pieces[0] if pieces else None
-        if len(pieces) < 2:  # still inside y, or y just ended: z has not started
-            return "", None
-        return pieces[0], pieces[1]
+
+def _grid_range(prefix: str) -> slice | None:
+    """The grid indices a coordinate beginning with `prefix` may end at ("0." -> 0-99, "0.3" -> 30-39)."""
+    if _PREFIX.fullmatch(prefix) is None:
+        return None
+    digits = prefix[2:]
+    low = int(digits.ljust(2, "0")) if digits else 0
+    high = int(digits.ljust(2, "9")) if digits else GRID - 1
+    return slice(low, high + 1)

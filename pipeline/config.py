@@ -57,8 +57,9 @@ class RunConfig:
     # of the asked composition, so every GRPO sample is scored on its energy and none is wasted on a penalty.
     constraint: Constraint = "formula"
     # > 0: under a grammar, sampling may not put an atom within this x (r_i + r_j) of an earlier one (covalent
-    # radii; 0.5 is the validity rule, so no sample fails it where a free z exists; crystals.separation). HF
-    # generator only; no effect with constraint "none" (the rule reads the text a grammar keeps well formed).
+    # radii; 0.5 is the validity rule, so no sample fails it where its x leaves a free (y, z);
+    # crystals.separation). HF generator only; no effect with constraint "none" (the rule reads the text a
+    # grammar keeps well formed).
     # 0: off, as in the paper (a small model's commonest failure is atoms on top of each other).
     separation: float = 0.0
     max_atoms: int = 20  # atoms per cell at most (paper: 20): the grammar's limit and the reward's penalty

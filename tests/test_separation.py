@@ -11,7 +11,7 @@ from ase.data import atomic_numbers, covalent_radii
 from pymatgen.core import Lattice
 
 from crystals.grammar import structure_grammar
-from crystals.separation import GRID, SeparationRule, free_heights
+from crystals.separation import GRID, SeparationRule, free_plane
 from crystals.text import parse_structure
 from crystals.validity import check_structure_covalent
 from grpo.constraint import ConstraintError, GrammarConstraint
@@ -37,20 +37,24 @@ def brute_force_free(lattice: Lattice, sites, symbols, new_symbol, x, y, scale=0
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_free_heights_match_pymatgen_periodic_distances(seed):
-    """Random reduced-like cells, some of them narrow (where images beyond the first shell are nearer)."""
+def test_free_plane_matches_pymatgen_periodic_distances(seed):
+    """Random reduced-like cells, some of them narrow (where images beyond the first shell are nearer); a few
+    rows of the plane against pymatgen's distance over every image."""
     rng = np.random.default_rng(seed)
     lengths = rng.uniform(1.2, 6.0, 3)
     angles = rng.uniform(62, 88, 3) if seed % 2 else rng.uniform(92, 118, 3)
     lattice = Lattice.from_parameters(*lengths, *angles)
     symbols = list(rng.choice(["Cs", "O", "Si", "Ba"], 3))
     sites = rng.integers(0, GRID, (3, 3)) / GRID
-    x, y = rng.integers(0, GRID, 2) / GRID
+    x = rng.integers(0, GRID) / GRID
     thresholds = 0.5 * (
         covalent_radii[[atomic_numbers[s] for s in symbols]] + covalent_radii[atomic_numbers["O"]]
     )
-    ours = free_heights(lattice.matrix, sites, thresholds, x, y)
-    assert np.array_equal(ours, brute_force_free(lattice, sites, symbols, "O", x, y))
+    ours = free_plane(lattice.matrix, sites, thresholds, x)
+    rows = rng.integers(0, GRID, 4)
+    for y in rows:
+        assert np.array_equal(ours[y], brute_force_free(lattice, sites, symbols, "O", x, y / GRID)), y
+    assert 0 < ours.mean() < 1  # each case blocks part of the plane
 
 
 def test_forbidden_tokens_are_those_whose_completions_all_overlap():
@@ -72,13 +76,38 @@ def test_forbidden_tokens_are_those_whose_completions_all_overlap():
     assert [digits[i] for i in rule.forbidden(text + " 0.3", range(10), digits)] == ["0", "1", "2", "3"]
 
 
-def test_nothing_is_restricted_before_a_second_atom_or_when_no_height_is_free():
+def test_y_is_never_chosen_where_no_z_is_free():
+    """A 2 A high cell: Cl at x = 0 next to Na at the origin is taken at every z for y near 0 (and near 1, by
+    periodicity); those y are forbidden, whole or by their first digit, and the rest (where some z is free)
+    are allowed."""
+    rule = SeparationRule(0.5)
+    lattice = Lattice.from_parameters(4.0, 4.0, 2.0, 90, 90, 90)
+    text = "4.0 4.0 2.0 90 90 90\nNa 0.00 0.00 0.00\nCl"
+    assert not rule.watches(text) and rule.watches(text + " ") and rule.watches(text + " 0.00")
+    blocked = {
+        k
+        for k in range(GRID)
+        if not brute_force_free(lattice, [[0, 0, 0]], ["Na"], "Cl", 0.0, k / GRID).any()
+    }
+    assert 0 in blocked and 50 not in blocked  # the case is what the test means it to be
+    whole = [f" 0.{k:02d}" for k in range(GRID)]
+    assert set(rule.forbidden(text + " 0.00", range(GRID), whole)) == blocked
+    tenths = [str(d) for d in range(10)]
+    assert {int(tenths[i]) for i in rule.forbidden(text + " 0.00 0.", range(10), tenths)} == {
+        d for d in range(10) if set(range(10 * d, 10 * d + 10)) <= blocked
+    }
+    # a token that finishes x and y at once is tested too; one that only finishes x is not
+    assert rule.forbidden(text + " 0.0", [0, 1], ["0 0.00", "0"]) == [0]
+
+
+def test_nothing_is_restricted_before_a_second_atom_or_when_nothing_at_x_is_free():
     rule = SeparationRule(0.5)
     whole = [f" 0.{k:02d}" for k in range(GRID)]
     assert not rule.watches(f"{LATTICE}\nNa 0.00 0.00")  # the first atom has nothing to keep away from
-    assert not rule.watches(f"{LATTICE}\nNa 0.00 0.00 0.00\nCl")  # its x is not written yet
-    crowded = "1.5 1.5 1.5 90 90 90\nCs 0.00 0.00 0.00\nCs 0.50 0.50"  # Cs-Cs 2.44 A > any z in a 1.5 A cell
-    assert rule.watches(crowded) and rule.forbidden(crowded, range(GRID), whole) == []
+    assert not rule.watches(f"{LATTICE}\nNa 0.00 0.00 0.00\nCl")  # its element is not finished yet
+    crowded = "1.5 1.5 1.5 90 90 90\nCs 0.00 0.00 0.00\nCs 0.50"  # Cs-Cs 2.44 A > any distance in 1.5 A
+    assert rule.forbidden(crowded, range(GRID), whole) == []
+    assert rule.forbidden(crowded + " 0.50", range(GRID), whole) == []
     with pytest.raises(ValueError, match="> 0"):
         SeparationRule(0.0)
 
@@ -93,8 +122,8 @@ def prompts_for(tokenizer, formulas):
 
 
 def test_sampling_under_the_rule_passes_the_validity_rule_and_replays(crystal_model):  # noqa: F811
-    """An untrained model under `formula`: with the rule every sample keeps its atoms apart (where a free z
-    existed), more samples pass the covalent rule than without it, and the masks replayed from the tokens are
+    """An untrained model under `formula`: with the rule every sample keeps its atoms apart (where its x left a
+    free (y, z)), more samples pass the covalent rule than without it, and the masks replayed from the tokens are
     those applied while sampling; a response that breaks the rule does not replay."""
     model, tokenizer = crystal_model
     rule = SeparationRule(0.5)
