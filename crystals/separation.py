@@ -2,16 +2,17 @@
 
 A grammar (``crystals.grammar``) fixes the composition and the number format, not where atoms sit, and a small
 model's commonest failure is an atom written on top of an earlier one (a non-finite energy, a relaxation that
-never starts). ``SeparationRule`` forbids, while sampling, the tokens that would place an atom closer than ``scale * (r_i + r_j)`` (covalent radii; 0.5 is the validity rule of the paper, section 5.3,
+never starts). ``SeparationRule`` forbids, while sampling, the tokens that would place an atom closer than
+``scale * (r_i + r_j)`` (covalent radii; 0.5 is the validity rule of the paper, section 5.3,
 ``crystals.validity.check_structure_covalent``) to an earlier atom of the same cell, periodic images included.
 
 It reads the response text so far, which the grammar has made well formed: six lattice numbers, then atoms as
-``El x y z`` with coordinates ``0.dd`` (whitespace between fields, newline or space between atoms). y and z are
-steered, x is not: a token is forbidden when every (y, z) on the 0.01 grid that the coordinates it writes can
-still end at is taken, so a token that leaves y or z unfinished (``" 0."``) stays allowed while some completion
-is free, and y is never chosen where no z is left. When nothing at the chosen x is free the rule forbids
-nothing and the sample overlaps as it would have (the reward's overlap penalty then counts it). The rule is a
-pure function of the text, so sampling and re-scoring (``grpo.constraint``) give the same masks.
+``El x y z`` with coordinates ``0.dd`` (whitespace between fields, newline or space between atoms). y and z
+are steered, x is not: a token is forbidden when every (y, z) on the 0.01 grid that the coordinates it writes
+can still end at is taken, so a token that leaves y or z unfinished (``" 0."``) stays allowed while some
+completion is free, and y is never chosen where no z is left. When nothing at the chosen x is free the rule
+forbids nothing and the sample overlaps as it would have (the reward's overlap penalty then counts it). The
+rule is a pure function of the text, so sampling and re-scoring (``grpo.constraint``) give the same masks.
 """
 
 from __future__ import annotations
@@ -106,11 +107,13 @@ class SeparationRule:
         return fields, partial
 
     def watches(self, text: str) -> bool:
-        """Whether the next token may settle a y or z this rule tests (the current atom's element is written)."""
+        """Whether the next token may settle a y or z this rule tests (the current atom's element is
+        written)."""
         return self._state(text) is not None
 
     def forbidden(self, text: str, candidates: Sequence[int], token_texts: Sequence[str]) -> list[int]:
-        """The candidates after which every completion of the current atom's (y, z) lands on an earlier atom."""
+        """The candidates after which every completion of the current atom's (y, z) lands on an earlier
+        atom."""
         state = self._state(text)
         if state is None:
             return []
@@ -124,7 +127,7 @@ class SeparationRule:
             if len(coordinates) < 2:  # x is not finished: x is not steered
                 continue
             ys = _grid_range(coordinates[1])
-            zs = _grid_range(coordinates[2] if len(coordinates) == 3 else "0")
+            zs = _grid_range(coordinates[2]) if len(coordinates) == 3 else slice(0, GRID)  # z not begun
             if ys is None or zs is None:  # not a coordinate the grammar writes
                 continue
             free = _free_plane_of(lattice, atoms, element, coordinates[0], self.scale)

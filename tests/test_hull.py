@@ -2,8 +2,8 @@
 E_hull reward with CHGNet energies.
 
 The full hull is built once per machine into the default cache (~/.cache/crystal-grpo or
-$CRYSTAL_GRPO_CACHE; ~75 s on an idle 2-core machine, longer on a busy one) and loaded in well under a
-second afterwards; the build and cache logic itself is tested on a small subset in a tmp dir.
+$CRYSTAL_GRPO_CACHE; ~75 s on an idle 2-core machine, longer on a busy one) and read, never rebuilt,
+afterwards; the build and cache logic itself is tested on a small subset in a tmp dir.
 """
 
 from __future__ import annotations

@@ -122,9 +122,9 @@ def prompts_for(tokenizer, formulas):
 
 
 def test_sampling_under_the_rule_passes_the_validity_rule_and_replays(crystal_model):  # noqa: F811
-    """An untrained model under `formula`: with the rule every sample keeps its atoms apart (where its x left a
-    free (y, z)), more samples pass the covalent rule than without it, and the masks replayed from the tokens are
-    those applied while sampling; a response that breaks the rule does not replay."""
+    """An untrained model under `formula`: with the rule every sample keeps its atoms apart (where its x left
+    a free (y, z)), more samples pass the covalent rule than without it, and the masks replayed from the
+    tokens are those applied while sampling; a response that breaks the rule does not replay."""
     model, tokenizer = crystal_model
     rule = SeparationRule(0.5)
     formulas = ["NaCl", "SiO2", "BaTiO3", "Li2O"]
