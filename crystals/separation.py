@@ -7,12 +7,13 @@ never starts). ``SeparationRule`` forbids, while sampling, the tokens that would
 ``crystals.validity.check_structure_covalent``) to an earlier atom of the same cell, periodic images included.
 
 It reads the response text so far, which the grammar has made well formed: six lattice numbers, then atoms as
-``El x y z`` with coordinates ``0.dd`` (whitespace between fields, newline or space between atoms). y and z
-are steered, x is not: a token is forbidden when every (y, z) on the 0.01 grid that the coordinates it writes
-can still end at is taken, so a token that leaves y or z unfinished (``" 0."``) stays allowed while some
-completion is free, and y is never chosen where no z is left. When nothing at the chosen x is free the rule
-forbids nothing and the sample overlaps as it would have (the reward's overlap penalty then counts it). The
-rule is a pure function of the text, so sampling and re-scoring (``grpo.constraint``) give the same masks.
+``El x y z`` with coordinates ``0.dd`` (whitespace between fields, newline or space between atoms). x, y and
+z are all steered: a token is forbidden when every grid point (x, y, z) on the 0.01 grid that the coordinates
+it writes can still end at is taken, so a token that leaves a coordinate unfinished (``" 0."``) stays allowed
+while some completion is free, and an x or y is never chosen where nothing after it is left. When nothing the
+text so far can still end at is free (a cell already full) the rule forbids nothing and the sample overlaps as
+it would have (the reward's overlap penalty then counts it). The rule is a pure function of the text, so
+sampling and re-scoring (``grpo.constraint``) give the same masks.
 """
 
 from __future__ import annotations
@@ -70,20 +71,35 @@ def free_plane(matrix: np.ndarray, sites: np.ndarray, thresholds: np.ndarray, x:
     return free
 
 
-@functools.lru_cache(maxsize=4096)
-def _free_plane_of(lattice: tuple[str, ...], atoms: tuple[str, ...], element: str, x: str, scale: float):
-    """free_plane for the atom `element` at `x` after the written `atoms` (El x y z ...) in the written
-    `lattice`; None when the text is not what the grammar writes. Cached: every step of an atom asks again."""
+@functools.lru_cache(maxsize=16384)
+def _free_plane_of(lattice: tuple[str, ...], atoms: tuple[str, ...], element: str, scale: float, x: int):
+    """free_plane for the atom `element` at x = `x` / GRID after the written `atoms` (El x y z ...) in the
+    written `lattice`; None when the text is not what the grammar writes. Cached: every step of an atom asks
+    again, and steering x asks for a plane per x tried (16384 planes of 10 kB at most)."""
     try:
         matrix = Lattice.from_parameters(*(float(v) for v in lattice)).matrix
         sites = np.array([[float(v) for v in atoms[i + 1 : i + 4]] for i in range(0, len(atoms), 4)])
         radii = covalent_radii[[atomic_numbers[atoms[i]] for i in range(0, len(atoms), 4)]]
         thresholds = scale * (radii + covalent_radii[atomic_numbers[element]])
-        free = free_plane(matrix, sites, thresholds, float(x))
+        free = free_plane(matrix, sites, thresholds, x / GRID)
     except (ValueError, KeyError, IndexError):  # leave malformed text to the grammar
         return None
     free.flags.writeable = False  # shared by every caller of the cache
     return free
+
+
+def _box_is_free(atom: tuple, box: tuple[slice, slice, slice]) -> bool | None:
+    """Whether some grid point of `box` (x, y, z index ranges) is free for `atom` (_free_plane_of's leading
+    arguments); None for malformed text. Planes are tried in order of x and the search stops at the first
+    free point, so a cell with room costs a plane or two."""
+    xs, ys, zs = box
+    for x in range(xs.start, xs.stop):
+        free = _free_plane_of(*atom, x)
+        if free is None:
+            return None
+        if free[ys, zs].any():
+            return True
+    return False
 
 
 class SeparationRule:
@@ -107,34 +123,38 @@ class SeparationRule:
         return fields, partial
 
     def watches(self, text: str) -> bool:
-        """Whether the next token may settle a y or z this rule tests (the current atom's element is
+        """Whether the next token may settle an x, y or z this rule tests (the current atom's element is
         written)."""
         return self._state(text) is not None
 
     def forbidden(self, text: str, candidates: Sequence[int], token_texts: Sequence[str]) -> list[int]:
-        """The candidates after which every completion of the current atom's (y, z) lands on an earlier
-        atom."""
+        """The candidates after which every completion of the current atom's (x, y, z) lands on an earlier
+        atom; none when that is already so before them (the rule gives up)."""
         state = self._state(text)
         if state is None:
             return []
         fields, partial = state
         done = 6 + (len(fields) - 6) // 4 * 4
-        lattice, atoms, element = tuple(fields[:6]), tuple(fields[6:done]), fields[done]
-        written = fields[done + 1 :]  # the current atom's complete coordinates (x, maybe y)
+        atom = (tuple(fields[:6]), tuple(fields[6:done]), fields[done], self.scale)
+        written = fields[done + 1 :]  # the current atom's complete coordinates
+        before = _box([*written, partial] if partial else written)
+        if before is None or not _box_is_free(atom, before):
+            return []
         forbidden = []
         for token in candidates:
-            coordinates = [*written, *(partial + token_texts[token]).split()][:3]
-            if len(coordinates) < 2:  # x is not finished: x is not steered
-                continue
-            ys = _grid_range(coordinates[1])
-            zs = _grid_range(coordinates[2]) if len(coordinates) == 3 else slice(0, GRID)  # z not begun
-            if ys is None or zs is None:  # not a coordinate the grammar writes
-                continue
-            free = _free_plane_of(lattice, atoms, element, coordinates[0], self.scale)
-            # forbidden when nothing it leaves is free, unless nothing at this x is (the rule gives up)
-            if free is not None and not free[ys, zs].any() and free.any():
+            box = _box([*written, *(partial + token_texts[token]).split()])
+            if box is not None and _box_is_free(atom, box) is False:
                 forbidden.append(token)
         return forbidden
+
+
+def _box(coordinates: Sequence[str]) -> tuple[slice, slice, slice] | None:
+    """The grid index ranges (x, y, z) an atom whose coordinates begin with `coordinates` may end at (fields
+    past z belong to the next atom); None when one is not a coordinate the grammar writes."""
+    ranges = tuple(_grid_range(c) for c in coordinates[:3])
+    if None in ranges:
+        return None
+    return (*ranges, *[slice(0, GRID)] * (3 - len(ranges)))
 
 
 def _grid_range(prefix: str) -> slice | None:

@@ -96,16 +96,47 @@ def test_y_is_never_chosen_where_no_z_is_free():
     assert {int(tenths[i]) for i in rule.forbidden(text + " 0.00 0.", range(10), tenths)} == {
         d for d in range(10) if set(range(10 * d, 10 * d + 10)) <= blocked
     }
-    # a token that finishes x and y at once is tested too; one that only finishes x is not
+    # a token that finishes x and y at once is tested on both; one that only finishes x, on x alone (at
+    # x = 0 some (y, z) is free)
     assert rule.forbidden(text + " 0.0", [0, 1], ["0 0.00", "0"]) == [0]
 
 
-def test_nothing_is_restricted_before_a_second_atom_or_when_nothing_at_x_is_free():
+def test_x_is_never_chosen_where_no_y_and_z_are_free():
+    """A cell 1.5 A across y and z, 4 A along x: Cl near Cs at the origin is taken at every (y, z) of the
+    planes with x near 0 and 1; those x are forbidden, whole or by their first digit, and where some (y, z)
+    of a plane is free its x stays allowed. Checked against pymatgen at the plane's farthest point."""
+    rule = SeparationRule(0.5)
+    lattice = Lattice.from_parameters(4.0, 1.5, 1.5, 90, 90, 90)
+    text = "4.0 1.5 1.5 90 90 90\nCs 0.00 0.00 0.00\nCl "
+    threshold = 0.5 * (covalent_radii[atomic_numbers["Cs"]] + covalent_radii[atomic_numbers["Cl"]])
+    planes = [
+        free_plane(lattice.matrix, np.zeros((1, 3)), np.array([threshold]), k / GRID) for k in range(GRID)
+    ]
+    blocked = {k for k in range(GRID) if not planes[k].any()}
+    assert 0 in blocked and 50 not in blocked and 99 in blocked  # the case is what the test means it to be
+    for k in (min(blocked, key=lambda k: abs(k - 50)), 50):  # the plane's farthest point from the Cs line
+        distance = lattice.get_distance_and_image([k / GRID, 0.5, 0.5], [0, 0, 0])[0]
+        assert (distance > threshold) == (k not in blocked), k
+    whole = [f"0.{k:02d}" for k in range(GRID)]
+    assert set(rule.forbidden(text, range(GRID), whole)) == blocked
+    tenths = [f"0.{d}" for d in range(10)]
+    assert {int(tenths[i][-1]) for i in rule.forbidden(text, range(10), tenths)} == {
+        d for d in range(10) if set(range(10 * d, 10 * d + 10)) <= blocked
+    }
+    assert rule.forbidden(text, [0], ["0."]) == []  # some x is still free
+    # a token that writes x and begins y is tested on the box it leaves
+    free_y = int(np.flatnonzero(planes[50].any(axis=1))[0])
+    assert rule.forbidden(text, [0, 1], [f"0.50 0.{free_y:02d}", "0.00 0.50"]) == [1]
+
+
+def test_nothing_is_restricted_before_a_second_atom_or_when_nothing_is_free():
     rule = SeparationRule(0.5)
     whole = [f" 0.{k:02d}" for k in range(GRID)]
     assert not rule.watches(f"{LATTICE}\nNa 0.00 0.00")  # the first atom has nothing to keep away from
     assert not rule.watches(f"{LATTICE}\nNa 0.00 0.00 0.00\nCl")  # its element is not finished yet
-    crowded = "1.5 1.5 1.5 90 90 90\nCs 0.00 0.00 0.00\nCs 0.50"  # Cs-Cs 2.44 A > any distance in 1.5 A
+    crowded = "1.5 1.5 1.5 90 90 90\nCs 0.00 0.00 0.00\nCs"  # Cs-Cs 2.44 A > any distance in 1.5 A
+    assert rule.forbidden(crowded + " ", range(GRID), [w.strip() for w in whole]) == []
+    crowded += " 0.50"
     assert rule.forbidden(crowded, range(GRID), whole) == []
     assert rule.forbidden(crowded + " 0.50", range(GRID), whole) == []
     with pytest.raises(ValueError, match="> 0"):
