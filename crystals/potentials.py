@@ -16,6 +16,8 @@ matters only for E_hull; for -E_tot any calculator works.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -38,14 +40,22 @@ def load_chgnet(model_name: str = "0.3.0", device: str | None = None):
 def _load_chgnet(model_name: str, device: str | None):
     from chgnet.model import CHGNet
 
-    return CHGNet.load(model_name=model_name, use_device=device, verbose=False)
+    with _unprinted():  # CHGNet's constructor prints its size whatever `verbose` says
+        return CHGNet.load(model_name=model_name, use_device=device, verbose=False)
 
 
 def chgnet_calculator(model_name: str = "0.3.0", device: str | None = None) -> Any:
     """CHGNet's ASE calculator (weights ship with the chgnet package); device None picks CUDA if present."""
     from chgnet.model.dynamics import CHGNetCalculator
 
-    return CHGNetCalculator(model=load_chgnet(model_name, device), use_device=device)
+    model = load_chgnet(model_name, device)
+    with _unprinted():  # it prints the device it runs on
+        return CHGNetCalculator(model=model, use_device=device)
+
+
+def _unprinted():
+    """Swallow what a library prints to stdout, which is a command's own output."""
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _missing(package: str, extra: str, exc: ImportError) -> ImportError:

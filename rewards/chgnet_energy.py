@@ -80,7 +80,8 @@ class CHGNetEnergyReward(EnergyReward):
         watch_hull: bool = True,
         data_dir: str | Path | None = None,
         cache_dir: str | Path | None = None,
+        volume_scan: Sequence[float] = (),
     ):
         potential = potential or CHGNetPotential(model_name, device, batch_size)
         hull = EnergyToHull.load(data_dir, cache_dir, apply_mp2020=False) if watch_hull else None
-        super().__init__(potential, per_cell, penalties, guard, cache_size, relax_steps, hull)
+        super().__init__(potential, per_cell, penalties, guard, cache_size, relax_steps, hull, volume_scan)

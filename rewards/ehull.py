@@ -3,7 +3,7 @@
     reward = -min(E_hull, clip)   [eV/atom],   E_hull from crystals.hull.EnergyToHull
 
 E_hull is computed for the generated (unrelaxed) structure, or after ``relax_steps`` FIRE steps when
-given. Unlike -E_tot it cannot be gamed by switching to heavier elements: the competing phases' energies
+given, or at the best of the cell volumes ``volume_scan`` lists (``rewards.potential.VolumeScan``). Unlike -E_tot it cannot be gamed by switching to heavier elements: the competing phases' energies
 move with the composition. ``clip`` bounds the worst reward so a few absurd structures do not dominate the
 group's standard deviation; by default every penalty equals -clip, so a broken or rejected structure is
 never better than the worst valid one (with the paper's -0.1 it would beat any E_hull > 0.1 eV/atom, and RL
@@ -17,7 +17,7 @@ and other scales (UMA/OMat24) are refused unless ``apply_mp2020`` is given expli
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from crystals.guard import GuardConfig
@@ -48,10 +48,11 @@ class EHullReward(PotentialReward):
         guard: GuardConfig | None = None,
         cache_size: int = 100_000,
         relax_steps: int = 0,
+        volume_scan: Sequence[float] = (),
     ):
         potential = potential or CHGNetPotential(device=device, batch_size=batch_size)
         self.default_penalties = PenaltyConfig.uniform(-clip)  # a failure never beats a valid structure
-        super().__init__(potential, penalties, guard, cache_size, relax_steps)
+        super().__init__(potential, penalties, guard, cache_size, relax_steps, volume_scan)
         if hull is None:
             if apply_mp2020 is None and potential.energy_scale == "other":
                 raise ValueError(

@@ -16,7 +16,8 @@ so that one bad structure costs only its own reward:
 Timeouts use SIGALRM when called from the main thread with no other interval timer running; a long call
 inside C code is interrupted when it returns to Python, and elsewhere (other threads) an over-long call is
 failed after the fact. ``relax_steps > 0`` first relaxes each structure briefly (FIRE + FrechetCellFilter
-through the potential's ASE calculator), per structure, under the same timeout.
+through the potential's ASE calculator), per structure, under the same timeout. ``volume_scan`` (a few volume
+factors) takes each energy at the best of those isotropic rescalings of the cell (``VolumeScan``).
 
 ``PotentialReward`` = the ``Penalties`` gate + ``EnergyEvaluator`` + a per-sample ``score``; ``EnergyReward``
 is reward = -E (eV/atom, or eV per cell with ``per_cell``).
@@ -108,6 +109,59 @@ def relax_structure(structure: Structure, calculator: Any, steps: int, fmax: flo
     return AseAtomsAdaptor.get_structure(atoms)
 
 
+class VolumeScan:
+    """A ``Potential`` whose energy of a structure is the lowest over a few isotropic rescalings of its cell:
+
+        E(x) = min_{f in factors} E(x with its cell volume times f, fractional coordinates kept)
+
+    Why: a reward on the structure as written pays for a low raw energy, and the cheapest route there is the
+    cell volume. An over-dense cell's raw energy sits far above its relaxed one, so GRPO on E_hull learned to
+    inflate the cells (reproduction run v4: median 15.3 -> 27.6 A^3 per atom), whose relaxed energies were
+    then worse. Taking the best volume out of the model's hands leaves it paid for what relaxation does not
+    undo (the arrangement of the atoms), at len(factors) energies per structure, batched. A rescaled cell the
+    potential cannot take (``prepare`` raises, e.g. isolated atoms in an expanded cell) is left out; a
+    structure fails only when none of its rescalings is usable.
+    """
+
+    def __init__(self, potential: Potential, factors: Sequence[float]):
+        if not factors or not all(math.isfinite(f) and f > 0 for f in factors):
+            raise ValueError(f"volume_scan needs positive volume factors, got {list(factors)}")
+        self.potential = potential
+        self.factors = tuple(float(f) for f in factors)
+        self.name = potential.name
+        self.batch_size = potential.batch_size
+        self.energy_scale = potential.energy_scale
+
+    def prepare(self, structure: Structure) -> list[Any]:
+        prepared, errors = [], []
+        for factor in self.factors:
+            scaled = structure.copy()
+            scaled.scale_lattice(structure.volume * factor)
+            try:
+                prepared.append(self.potential.prepare(scaled))
+            except Exception as exc:
+                errors.append(f"x{factor:g}: {exc!r}")
+        if not prepared:
+            raise ValueError(f"no rescaled cell could be prepared ({'; '.join(errors)[:300]})")
+        return prepared
+
+    def predict(self, prepared: Sequence[list[Any]]) -> list[float]:
+        energies = self.potential.predict([item for scaled in prepared for item in scaled])
+        if len(energies) != sum(map(len, prepared)):
+            raise ValueError(
+                f"{self.name} returned {len(energies)} energies for {sum(map(len, prepared))} cells"
+            )
+        best, start = [], 0
+        for scaled in prepared:
+            finite = [e for e in energies[start : start + len(scaled)] if math.isfinite(e)]
+            best.append(min(finite) if finite else math.nan)
+            start += len(scaled)
+        return best
+
+    def calculator(self) -> Any:
+        return self.potential.calculator()
+
+
 @dataclass(frozen=True)
 class EnergyResult:
     """Energy per atom (eV/atom, NaN when ``failure`` says why there is none) of ``structure`` (the relaxed
@@ -130,8 +184,9 @@ class EnergyEvaluator:
         cache_size: int = 100_000,
         relax_steps: int = 0,
         relax_fmax: float = 0.05,
+        volume_scan: Sequence[float] = (),
     ):
-        self.potential = potential
+        self.potential = VolumeScan(potential, volume_scan) if volume_scan else potential
         self.guard = guard or GuardConfig()
         self.cache_size = cache_size
         self.relax_steps = relax_steps
@@ -139,6 +194,7 @@ class EnergyEvaluator:
         self._cache: OrderedDict[tuple, tuple[float, Structure]] = OrderedDict()
         self._calculator = None
         self.failures: Counter[str] = Counter()  # reason -> count, over all calls
+        self._warned: set[str] = set()  # failure reasons already logged as a warning
 
     def __call__(self, structures: Sequence[Structure]) -> list[EnergyResult]:
         results: list[EnergyResult | None] = [None] * len(structures)
@@ -229,8 +285,15 @@ class EnergyEvaluator:
             self._cache.popitem(last=False)
 
     def _failed(self, structure: Structure, reason: str, exc: Exception | None = None) -> EnergyResult:
+        """Count a structure without an energy (its reward carries the reason). A cell the guard rejects or
+        whose energy is not finite is an outcome of sampling, logged at debug level; a potential that raised or
+        timed out is a warning the first time for each reason, then debug (a run logs the counts per step)."""
         self.failures[reason] += 1
-        log.warning(
+        surprising = (exc is not None or reason == "timeout") and reason not in self._warned
+        if surprising:
+            self._warned.add(reason)
+        log.log(
+            logging.WARNING if surprising else logging.DEBUG,
             "%s: no energy for %s (%s)%s",
             self.potential.name,
             structure.composition.reduced_formula,
@@ -258,10 +321,11 @@ class PotentialReward:
         guard: GuardConfig | None = None,
         cache_size: int = 100_000,
         relax_steps: int = 0,
+        volume_scan: Sequence[float] = (),
     ):
         self.potential = potential
         self.penalties = make_penalties(penalties, self.default_penalties)
-        self.evaluator = EnergyEvaluator(potential, guard, cache_size, relax_steps)
+        self.evaluator = EnergyEvaluator(potential, guard, cache_size, relax_steps, volume_scan=volume_scan)
 
     @property
     def failure_penalty(self) -> float:
@@ -318,8 +382,9 @@ class EnergyReward(PotentialReward):
         cache_size: int = 100_000,
         relax_steps: int = 0,
         hull: EnergyToHull | None = None,
+        volume_scan: Sequence[float] = (),
     ):
-        super().__init__(potential, penalties, guard, cache_size, relax_steps)
+        super().__init__(potential, penalties, guard, cache_size, relax_steps, volume_scan)
         self.per_cell = per_cell
         # Only watched, never rewarded: E_hull of each scored structure in its info, so a run on E_tot shows
         # whether E_hull follows (the paper's reward-hack analysis). None: not watched.

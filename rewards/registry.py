@@ -48,11 +48,12 @@ _TERM = re.compile(r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE]-?[0-9]+)?)\s*\*\s*
 REGISTRY: dict[str, tuple[type, str]] = {
     "chgnet-etot": (
         CHGNetEnergyReward,
-        "paper: -CHGNet energy per atom (eV/atom); batch_size, device, per_cell",
+        "paper: -CHGNet energy per atom (eV/atom); batch_size, device, per_cell, relax_steps, volume_scan",
     ),
     "ehull": (
         EHullReward,
-        "-min(E_hull, clip) (eV/atom; CHGNet on the MP-20 hull); clip, data_dir, cache_dir",
+        "-min(E_hull, clip) (eV/atom; CHGNet on the MP-20 hull); clip, data_dir, cache_dir, relax_steps, "
+        "volume_scan",
     ),
     "sevenn-etot": (
         SevenNetEnergyReward,

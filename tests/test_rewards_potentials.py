@@ -19,10 +19,11 @@ from crystals.matching import structure_key
 from crystals.potentials import load_chgnet, sevenn_calculator, uma_calculator
 from crystals.sample import Sample
 from crystals.text import parse_structure
-from rewards.ase_calculator import ASECalculatorReward
+from rewards.ase_calculator import ASECalculatorReward, ASEPotential
 from rewards.base import CrystalTextReward
 from rewards.chgnet_energy import CHGNetEnergyReward, CHGNetPotential
 from rewards.penalties import PenaltyConfig
+from rewards.potential import EnergyReward
 from rewards.registry import resolve_reward
 from tests.reward_structures import fcc, rocksalt, text_of, zincblende
 
@@ -201,6 +202,86 @@ def test_brief_relaxation_lowers_the_energy():
     unrelaxed = ASECalculatorReward(EMT())([Sample.from_structure(strained)])
     relaxed = ASECalculatorReward(EMT(), relax_steps=10)([Sample.from_structure(strained)])
     assert relaxed.rewards[0] > unrelaxed.rewards[0] + 0.01  # reward = -E: relaxing raises it
+
+
+def test_volume_scan_scores_the_best_rescaled_cell():
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    factors = (0.5, 0.63, 0.79, 1.0, 1.26, 1.59, 2.0)
+    opened = fcc("Cu", 4.4)  # ~1.8x the volume EMT likes
+
+    def emt_energy(structure: Structure) -> float:
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        atoms.calc = EMT()
+        return atoms.get_potential_energy() / len(atoms)
+
+    def rescaled(factor: float) -> Structure:
+        copy = opened.copy()
+        copy.scale_lattice(opened.volume * factor)
+        return copy
+
+    plain = EnergyReward(ASEPotential(EMT()))([Sample.from_structure(opened)])
+    scanned = EnergyReward(ASEPotential(EMT()), volume_scan=factors)([Sample.from_structure(opened)])
+    energies = [emt_energy(rescaled(f)) for f in factors]
+    assert scanned.rewards[0] == pytest.approx(-min(energies), abs=1e-9)
+    assert plain.rewards[0] == pytest.approx(-emt_energy(opened), abs=1e-9)
+    assert factors[int(np.argmin(energies))] < 1 and scanned.rewards[0] > plain.rewards[0] + 0.1
+
+
+class DensityPotential:
+    """E = (V/N - 12)^2 / 100 eV/atom; refuses cells above 20 A^3 per atom, NaN below 6 (a stand-in for a
+    potential that cannot take isolated atoms and breaks on crushed cells)."""
+
+    name, batch_size, energy_scale = "density", 8, "other"
+
+    def prepare(self, structure: Structure) -> float:
+        volume_per_atom = structure.volume / len(structure)
+        if volume_per_atom > 20:
+            raise ValueError("isolated atoms")
+        return volume_per_atom
+
+    def predict(self, volumes: list[float]) -> list[float]:
+        return [math.nan if v < 6 else (v - 12) ** 2 / 100 for v in volumes]
+
+    def calculator(self):
+        raise NotImplementedError
+
+
+def test_volume_scan_leaves_out_rescalings_the_potential_cannot_take():
+    reward = EnergyReward(DensityPotential(), volume_scan=(0.25, 1.0, 2.0, 4.0))
+    cells = [fcc("Cu", a) for a in (4.0, 6.0)]  # 16 and 54 A^3 per atom
+    out = reward([Sample.from_structure(s) for s in cells])
+    # 16: x0.25 is NaN and x2, x4 are refused, so x1 stands; 54: only x0.25 (13.5) is taken
+    assert out.rewards[0] == pytest.approx(-((16 - 12) ** 2) / 100)
+    assert out.rewards[1] == pytest.approx(-((13.5 - 12) ** 2) / 100)
+    alone = EnergyReward(DensityPotential(), volume_scan=(1.0, 2.0))([Sample.from_structure(cells[1])])
+    assert alone.infos[0]["penalty"] == "failure:prepare_error:ValueError"
+    with pytest.raises(ValueError, match="positive volume factors"):
+        EnergyReward(DensityPotential(), volume_scan=(1.0, 0.0))
+
+
+def test_failures_are_counted_and_only_a_raising_potential_warns_once(caplog):
+    reward = EnergyReward(DensityPotential(), guard=GuardConfig(max_volume_per_atom=100.0))
+    cells = [
+        fcc("Cu", 7.0),
+        fcc("Ni", 7.2),
+        fcc("Cu", 8.0),
+        fcc("Cu", 2.0),
+        fcc("Cu", 4.0),
+    ]  # 86, 93, 128, 2, 16
+    with caplog.at_level("DEBUG", logger="rewards.potential"):
+        out = reward([Sample.from_structure(s) for s in cells])
+    assert [i["penalty"] for i in out.infos] == [
+        "failure:prepare_error:ValueError",
+        "failure:prepare_error:ValueError",
+        "failure:huge_cell",
+        "failure:nonfinite_energy",
+        None,
+    ]
+    assert reward.evaluator.failures == {"prepare_error:ValueError": 2, "huge_cell": 1, "nonfinite_energy": 1}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "prepare_error" in warned[0]
+    assert sum("no energy" in r.getMessage() for r in caplog.records) == 4
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sevenn") is not None, reason="sevenn is installed")
