@@ -12,8 +12,11 @@ z are all steered: a token is forbidden when every grid point (x, y, z) on the 0
 it writes can still end at is taken, so a token that leaves a coordinate unfinished (``" 0."``) stays allowed
 while some completion is free, and an x or y is never chosen where nothing after it is left. When nothing the
 text so far can still end at is free (a cell already full) the rule forbids nothing and the sample overlaps as
-it would have (the reward's overlap penalty then counts it). The rule is a pure function of the text, so
-sampling and re-scoring (``grpo.constraint``) give the same masks.
+it would have (the reward's overlap penalty then counts it). A token may carry several fields (a crystal
+tokenizer has whole coordinates such as " 0.75", and " O" in the one-line layout): every atom whose
+coordinates a token writes is tested, so an x written by the token right after the element is steered like
+any other. The rule is a pure function of the text, so sampling and re-scoring (``grpo.constraint``) give the
+same masks.
 """
 
 from __future__ import annotations
@@ -112,39 +115,56 @@ class SeparationRule:
         self.scale = scale
 
     @staticmethod
-    def _state(text: str) -> tuple[list[str], str] | None:
-        """(complete fields, the unfinished last field) when the text is inside an atom, its element written,
-        after at least one earlier atom; else None (nothing to restrict yet)."""
+    def _state(text: str) -> tuple[tuple[str, ...], tuple[str, ...], list[str]] | None:
+        """(lattice fields, the complete earlier atoms' fields, the current atom's fields so far, the last one
+        perhaps unfinished) once the lattice is written and a token may write an atom with one before it: past
+        the first atom, or inside its z (a token may end it and begin the next). None before that."""
         fields = text.split()
-        partial = "" if not text or text[-1].isspace() else fields.pop()
-        atoms = len(fields) - 6
-        if atoms < 4 + 1 or atoms % 4 < 1:  # the lattice, one atom, then an element
+        complete = len(fields) - (1 if text and not text[-1].isspace() else 0)
+        if complete < 6:
             return None
-        return fields, partial
+        atoms, written = divmod(complete - 6, 4)
+        if atoms < 1 and written < 3:
+            return None
+        done = 6 + 4 * atoms
+        return tuple(fields[:6]), tuple(fields[6:done]), fields[done:]
 
     def watches(self, text: str) -> bool:
-        """Whether the next token may settle an x, y or z this rule tests (the current atom's element is
-        written)."""
+        """Whether the next token may write a coordinate this rule tests (cheap: a split of the text)."""
         return self._state(text) is not None
 
     def forbidden(self, text: str, candidates: Sequence[int], token_texts: Sequence[str]) -> list[int]:
-        """The candidates after which every completion of the current atom's (x, y, z) lands on an earlier
-        atom; none when that is already so before them (the rule gives up)."""
+        """The candidates after which the text writes an atom whose every completion of (x, y, z) lands on an
+        earlier atom, where the text before them left that atom a free point (else the rule gives up on it).
+        A token may carry an element and its coordinates, or end one atom and begin the next: each atom the
+        token writes coordinates of is tested, against the atoms complete before it."""
         state = self._state(text)
         if state is None:
             return []
-        fields, partial = state
-        done = 6 + (len(fields) - 6) // 4 * 4
-        atom = (tuple(fields[:6]), tuple(fields[6:done]), fields[done], self.scale)
-        written = fields[done + 1 :]  # the current atom's complete coordinates
-        before = _box([*written, partial] if partial else written)
-        if before is None or not _box_is_free(atom, before):
-            return []
+        lattice, earlier, current = state
+        tail = " ".join(current) + (" " if current and text[-1].isspace() else "")
+        memo: dict[tuple, bool | None] = {}
+
+        def free(atom: tuple, box: tuple[slice, slice, slice]) -> bool | None:
+            key = (atom[1:3], tuple((b.start, b.stop) for b in box))  # one call: lattice and scale are fixed
+            if key not in memo:
+                memo[key] = _box_is_free(atom, box)
+            return memo[key]
+
         forbidden = []
         for token in candidates:
-            box = _box([*written, *(partial + token_texts[token]).split()])
-            if box is not None and _box_is_free(atom, box) is False:
-                forbidden.append(token)
+            prior, fields = earlier, (tail + token_texts[token]).split()
+            for start in range(0, len(fields), 4):
+                element, coordinates = fields[start], fields[start + 1 : start + 4]
+                if coordinates and prior:
+                    atom = (lattice, prior, element, self.scale)
+                    box = _box(coordinates)
+                    # what the text before the token left this atom: its coordinates there, or the whole cell
+                    before = _box(current[1:] if start == 0 and len(current) > 1 else [])
+                    if box is not None and free(atom, before) and free(atom, box) is False:
+                        forbidden.append(token)
+                        break
+                prior += tuple(fields[start : start + 4])
         return forbidden
 
 

@@ -83,7 +83,7 @@ def test_y_is_never_chosen_where_no_z_is_free():
     rule = SeparationRule(0.5)
     lattice = Lattice.from_parameters(4.0, 4.0, 2.0, 90, 90, 90)
     text = "4.0 4.0 2.0 90 90 90\nNa 0.00 0.00 0.00\nCl"
-    assert not rule.watches(text) and rule.watches(text + " ") and rule.watches(text + " 0.00")
+    assert rule.watches(text) and rule.watches(text + " ") and rule.watches(text + " 0.00")
     blocked = {
         k
         for k in range(GRID)
@@ -127,13 +127,20 @@ def test_x_is_never_chosen_where_no_y_and_z_are_free():
     # a token that writes x and begins y is tested on the box it leaves
     free_y = int(np.flatnonzero(planes[50].any(axis=1))[0])
     assert rule.forbidden(text, [0, 1], [f"0.50 0.{free_y:02d}", "0.00 0.50"]) == [1]
+    # a crystal tokenizer's whole coordinate right after the element (no space token between) is x as well,
+    # and so is an element token that carries its x; a token that ends the previous atom and begins this one
+    # is tested against that atom too
+    assert set(rule.forbidden(text[:-1], range(GRID), [f" {w}" for w in whole])) == blocked
+    bare = text[: text.index("Cs") + 2]  # "...\nCs", its coordinates still to come
+    assert rule.forbidden(f"{bare} 0.00 0.00 0.0", [0, 1], ["0\nCl 0.00", "0\nCl 0.50"]) == [0]
+    assert rule.forbidden(f"{bare} 0.00 0.00 0.00\n", [0, 1], ["Cl 0.00", "Cl 0.50"]) == [0]
 
 
 def test_nothing_is_restricted_before_a_second_atom_or_when_nothing_is_free():
     rule = SeparationRule(0.5)
     whole = [f" 0.{k:02d}" for k in range(GRID)]
     assert not rule.watches(f"{LATTICE}\nNa 0.00 0.00")  # the first atom has nothing to keep away from
-    assert not rule.watches(f"{LATTICE}\nNa 0.00 0.00 0.00\nCl")  # its element is not finished yet
+    assert not rule.watches(f"{LATTICE[:-1]}")  # nor has the lattice
     crowded = "1.5 1.5 1.5 90 90 90\nCs 0.00 0.00 0.00\nCs"  # Cs-Cs 2.44 A > any distance in 1.5 A
     assert rule.forbidden(crowded + " ", range(GRID), [w.strip() for w in whole]) == []
     crowded += " 0.50"
