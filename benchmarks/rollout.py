@@ -11,7 +11,9 @@ Constraints: the same call at ``constraint_batch`` samples under each mode of ``
 backwards) so they share the machine's load. A grammar ends responses where it may, so the modes generate
 different numbers of tokens; the overhead is therefore per unit of decoding work: HF decodes every row until
 the longest is done (rows x decoding steps, finished rows padded), vLLM only the real tokens. Overhead =
-rate(none) / rate(mode) - 1 (target <= 0.15 at batch 32).
+rate(none) / rate(mode) - 1 (target <= 0.15 at batch 32). HF has one more mode, ``formula+separation``: the
+formula grammar with crystals.separation's rule at ``separation`` (the rule reads each row's text and tests
+grid planes, so its cost grows with the atoms written).
 
     python -m benchmarks.rollout [--quick] [--out FILE.json]
 """
@@ -33,6 +35,7 @@ from benchmarks.common import (
     vllm_unavailable,
 )
 from crystals.grammar import structure_grammar
+from crystals.separation import SeparationRule
 from grpo.generation import HFGenerator, SamplingConfig
 from grpo.models import save_model
 
@@ -47,6 +50,7 @@ class RolloutBenchConfig:
     seed: int = 0
     constraints: tuple[str, ...] = ("none", "format", "elements", "formula")
     constraint_batch: int = 32
+    separation: float = 0.5  # the HF-only "formula+separation" mode's scale (0: no such row)
     target_overhead: float = 0.15
 
 
@@ -80,33 +84,37 @@ def time_generator(generator, task: BenchTask, batch: int, cfg: RolloutBenchConf
     }
 
 
-def time_constraints(generator, kind: str, task: BenchTask, cfg: RolloutBenchConfig) -> list[dict]:
-    """One row per constraint mode at ``constraint_batch`` samples: tokens/s, decoding work/s and the overhead
-    over "none" (see the module docstring)."""
+def time_constraints(generators: dict, kind: str, task: BenchTask, cfg: RolloutBenchConfig) -> list[dict]:
+    """One row per constraint mode (`generators`: mode -> the generator that samples it) at
+    ``constraint_batch`` samples: tokens/s, decoding work/s and the overhead over "none" (see the module
+    docstring). A mode "GRAMMAR+RULE" samples GRAMMAR's grammar with that generator's rule."""
+    modes = list(generators)
     group = min(cfg.group_size, cfg.constraint_batch)
     prompts = task.prompts[: max(1, cfg.constraint_batch // group)]
     specs = {
-        mode: None if mode == "none" else [structure_grammar(mode, p.meta["formula"]) for p in prompts]
-        for mode in cfg.constraints
+        mode: None
+        if mode == "none"
+        else [structure_grammar(mode.split("+")[0], p.meta["formula"]) for p in prompts]
+        for mode in modes
     }
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     texts = [p.text for p in prompts]
-    for mode in cfg.constraints:  # warm-up, and each grammar compiled once outside the timing
-        generator.generate(texts, group, sampling, specs[mode])
-    seconds: dict[str, list[float]] = {mode: [] for mode in cfg.constraints}
-    tokens: dict[str, list[int]] = {mode: [] for mode in cfg.constraints}
-    work: dict[str, list[int]] = {mode: [] for mode in cfg.constraints}
+    for mode in modes:  # warm-up, and each grammar compiled once outside the timing
+        generators[mode].generate(texts, group, sampling, specs[mode])
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    tokens: dict[str, list[int]] = {mode: [] for mode in modes}
+    work: dict[str, list[int]] = {mode: [] for mode in modes}
     for repeat in range(cfg.repeats):
-        order = cfg.constraints if repeat % 2 == 0 else cfg.constraints[::-1]
+        order = modes if repeat % 2 == 0 else modes[::-1]
         for mode in order:
             start = time.perf_counter()
-            rollout = generator.generate(texts, group, sampling, specs[mode])
+            rollout = generators[mode].generate(texts, group, sampling, specs[mode])
             seconds[mode].append(time.perf_counter() - start)
             tokens[mode].append(int(rollout.response_mask.sum()))
             # HF decodes every row for the batch's longest response; vLLM only each response's own tokens
             work[mode].append(rollout.response_ids.numel() if kind == "hf" else tokens[mode][-1])
     rows = []
-    for mode in cfg.constraints:
+    for mode in modes:
         rows.append(
             {
                 "generator": kind,
@@ -134,7 +142,13 @@ def run(cfg: RolloutBenchConfig | None = None) -> dict:
         hf = HFGenerator(model, task.tokenizer, batch_size=batch)
         rows.append({"generator": "hf", **time_generator(hf, task, batch, cfg)})
     hf = HFGenerator(model, task.tokenizer, batch_size=cfg.constraint_batch)
-    constrained += time_constraints(hf, "hf", task, cfg)
+    hf_modes = dict.fromkeys(cfg.constraints, hf)
+    if cfg.separation:
+        rule = SeparationRule(cfg.separation)
+        hf_modes["formula+separation"] = HFGenerator(
+            model, task.tokenizer, batch_size=cfg.constraint_batch, token_rule=rule
+        )
+    constrained += time_constraints(hf_modes, "hf", task, cfg)
     missing = {}
     reason = vllm_unavailable()
     if reason is None:
@@ -142,7 +156,7 @@ def run(cfg: RolloutBenchConfig | None = None) -> dict:
             vllm = build_vllm_generator("colocated", save_model(model, task.tokenizer, tmp), task.tokenizer)
             for batch in cfg.batch_sizes:
                 rows.append({"generator": "vllm", **time_generator(vllm, task, batch, cfg)})
-            constrained += time_constraints(vllm, "vllm", task, cfg)
+            constrained += time_constraints(dict.fromkeys(cfg.constraints, vllm), "vllm", task, cfg)
             del vllm
         hf_rate = {r["batch"]: r["tokens_per_s"] for r in rows if r["generator"] == "hf"}
         for r in rows:

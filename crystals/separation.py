@@ -24,7 +24,9 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from ase.data import atomic_numbers, covalent_radii
@@ -34,75 +36,102 @@ GRID = 100  # coordinates are written 0.00-0.99 (crystals.grammar)
 _PREFIX = re.compile(r"0(\.\d{0,2})?")
 
 
-def free_plane(matrix: np.ndarray, sites: np.ndarray, thresholds: np.ndarray, x: float) -> np.ndarray:
-    """bool [GRID, GRID]: for each (y, z) = (j, k) / GRID, whether an atom at (x, y, z) keeps every distance
-    to the earlier `sites` (fractional, [n, 3]) above its threshold ([n], A), over every periodic image.
+def free_grid(
+    matrix: np.ndarray, sites: np.ndarray, thresholds: np.ndarray, free: np.ndarray | None = None
+) -> np.ndarray:
+    """bool [GRID, GRID, GRID]: for each grid point (i, j, k) / GRID, whether an atom there keeps every distance
+    to the earlier `sites` (fractional, [n, 3]) above its threshold ([n], A), over every periodic image; with
+    `free`, the points it leaves free that also keep away from `sites` (it is not changed).
 
-    The distance to image s + m of a site is sqrt(d G d) with d = p - s - m and G = M M^T the metric of the
+    The distance to image s - m of a site is sqrt(d G d) with d = p - s + m and G = M M^T the metric of the
     cell matrix M (rows: lattice vectors). It is at least |d_i| w_i along each axis i (w_i: the cell's width
-    across the planes of the other two axes), so only the images with |d_i| <= t / w_i somewhere on the
-    plane can come within t; those few are tested on the whole grid at once."""
+    across the planes of the other two axes), so an image can only block the grid points within t / w_i of it
+    along every axis: each image is tested on that box alone, which is why a whole grid costs ~10-20 ms for
+    20 atoms (a plane at a time cost ~1.5 ms per plane, 100 planes per atom)."""
     volume = abs(np.linalg.det(matrix))
     widths = [volume / np.linalg.norm(np.cross(matrix[j], matrix[k])) for j, k in ((1, 2), (2, 0), (0, 1))]
     metric = matrix @ matrix.T
-    grid = np.arange(GRID) / GRID
-    pairs = []  # (offset along x, site y + image, site z + image, threshold^2)
+    free = np.ones((GRID, GRID, GRID), dtype=bool) if free is None else free.copy()
     for site, threshold in zip(sites, thresholds, strict=True):
-        reach = [threshold / w for w in widths]
-        # image m_i can come within t only if some point of the plane has |p_i - s_i - m_i| <= t / w_i
-        low = [x - site[0] - reach[0], grid[0] - site[1] - reach[1], grid[0] - site[2] - reach[2]]
-        high = [x - site[0] + reach[0], grid[-1] - site[1] + reach[1], grid[-1] - site[2] + reach[2]]
-        images = [range(math.ceil(lo), math.floor(hi) + 1) for lo, hi in zip(low, high, strict=True)]
-        for mx in images[0]:
-            for my in images[1]:
-                for mz in images[2]:
-                    pairs.append((x - site[0] - mx, site[1] + my, site[2] + mz, threshold**2))
-    free = np.ones((GRID, GRID), dtype=bool)
-    for start in range(0, len(pairs), 64):  # bounded memory: 64 x GRID^2 distances at a time
-        a, sy, sz, limit = (np.array(column) for column in zip(*pairs[start : start + 64], strict=True))
-        b = grid[None, :] - sy[:, None]  # [P, G] along y
-        c = grid[None, :] - sz[:, None]  # [P, G] along z
-        along_y = 2 * metric[0, 1] * a[:, None] * b + metric[1, 1] * b**2
-        along_z = 2 * metric[0, 2] * a[:, None] * c + metric[2, 2] * c**2
-        squared = (
-            (metric[0, 0] * a**2)[:, None, None]
-            + along_y[:, :, None]
-            + along_z[:, None, :]
-            + 2 * metric[1, 2] * b[:, :, None] * c[:, None, :]
-        )
-        free &= ~(squared <= limit[:, None, None]).any(axis=0)
+        spans = [_image_spans(site[i], threshold / widths[i]) for i in range(3)]
+        for ix, a in spans[0]:
+            for iy, b in spans[1]:
+                ab = (metric[0, 0] * a**2)[:, None] + 2 * metric[0, 1] * a[:, None] * b + metric[1, 1] * b**2
+                for iz, c in spans[2]:
+                    squared = (
+                        ab[:, :, None]
+                        + 2 * metric[0, 2] * a[:, None, None] * c
+                        + 2 * metric[1, 2] * b[None, :, None] * c
+                        + metric[2, 2] * c**2
+                    )
+                    free[ix[0] : ix[-1] + 1, iy[0] : iy[-1] + 1, iz[0] : iz[-1] + 1] &= squared > threshold**2
     return free
 
 
-@functools.lru_cache(maxsize=16384)
-def _free_plane_of(lattice: tuple[str, ...], atoms: tuple[str, ...], element: str, scale: float, x: int):
-    """free_plane for the atom `element` at x = `x` / GRID after the written `atoms` (El x y z ...) in the
-    written `lattice`; None when the text is not what the grammar writes. Cached: every step of an atom asks
-    again, and steering x asks for a plane per x tried (16384 planes of 10 kB at most)."""
+def _image_spans(position: float, reach: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Along one axis, for each periodic image position - m of a coordinate whose reach meets the cell: the grid
+    indices within `reach` of it and their offsets from it."""
+    spans = []
+    for m in range(math.floor(position - reach), math.floor(position + reach) + 1):
+        low = max(0, math.ceil((position - reach - m) * GRID))
+        high = min(GRID, math.floor((position + reach - m) * GRID) + 1)
+        if low < high:
+            index = np.arange(low, high)
+            spans.append((index, index / GRID - position + m))
+    return spans
+
+
+class _FreeGrid(NamedTuple):
+    points: np.ndarray  # bool [GRID, GRID, GRID], read-only
+    planes: np.ndarray  # bool [GRID]: whether the plane at each x has a free point
+
+
+_GRIDS: OrderedDict[tuple, _FreeGrid | None] = OrderedDict()
+_GRIDS_KEPT = 256  # 1 MB each; a batch writes one atom per row at a time
+
+
+def _free_grid_of(
+    lattice: tuple[str, ...], atoms: tuple[str, ...], element: str, scale: float
+) -> _FreeGrid | None:
+    """free_grid for the atom `element` after the written `atoms` (El x y z ...) in the written `lattice`;
+    None when the text is not what the grammar writes. Cached: every token of an atom asks again. The grid
+    of an atom of the same element one atom earlier, when cached, is narrowed by the one site since (atoms
+    come grouped by element, so most atoms cost one site, not all those before them)."""
+    key = (lattice, atoms, element, scale)
+    if key in _GRIDS:
+        _GRIDS.move_to_end(key)
+        return _GRIDS[key]
     try:
         matrix = Lattice.from_parameters(*(float(v) for v in lattice)).matrix
         sites = np.array([[float(v) for v in atoms[i + 1 : i + 4]] for i in range(0, len(atoms), 4)])
         radii = covalent_radii[[atomic_numbers[atoms[i]] for i in range(0, len(atoms), 4)]]
         thresholds = scale * (radii + covalent_radii[atomic_numbers[element]])
-        free = free_plane(matrix, sites, thresholds, x / GRID)
+        earlier = _GRIDS.get((lattice, atoms[:-4], element, scale)) if atoms else None
+        if earlier is not None:
+            points = free_grid(matrix, sites[-1:], thresholds[-1:], earlier.points)
+        else:
+            points = free_grid(matrix, sites, thresholds)
     except (ValueError, KeyError, IndexError):  # leave malformed text to the grammar
-        return None
-    free.flags.writeable = False  # shared by every caller of the cache
-    return free
+        result = None
+    else:
+        points.flags.writeable = False  # shared by every caller of the cache
+        result = _FreeGrid(points, points.any(axis=(1, 2)))
+    _GRIDS[key] = result
+    if len(_GRIDS) > _GRIDS_KEPT:
+        _GRIDS.popitem(last=False)
+    return result
 
 
 def _box_is_free(atom: tuple, box: tuple[slice, slice, slice]) -> bool | None:
-    """Whether some grid point of `box` (x, y, z index ranges) is free for `atom` (_free_plane_of's leading
-    arguments); None for malformed text. Planes are tried in order of x and the search stops at the first
-    free point, so a cell with room costs a plane or two."""
+    """Whether some grid point of `box` (x, y, z index ranges) is free for `atom` (_free_grid_of's
+    arguments); None for malformed text."""
+    free = _free_grid_of(*atom)
+    if free is None:
+        return None
     xs, ys, zs = box
-    for x in range(xs.start, xs.stop):
-        free = _free_plane_of(*atom, x)
-        if free is None:
-            return None
-        if free[ys, zs].any():
-            return True
-    return False
+    if ys.stop - ys.start == GRID and zs.stop - zs.start == GRID:  # only x chosen so far: the planes say it
+        return bool(free.planes[xs].any())
+    return bool(free.points[box].any())
 
 
 class SeparationRule:
@@ -143,32 +172,34 @@ class SeparationRule:
             return []
         lattice, earlier, current = state
         tail = " ".join(current) + (" " if current and text[-1].isspace() else "")
-        memo: dict[tuple, bool | None] = {}
+        verdicts: dict[tuple, bool | None] = {}  # candidates mostly share their atom and the box before them
 
-        def free(atom: tuple, box: tuple[slice, slice, slice]) -> bool | None:
-            key = (atom[1:3], tuple((b.start, b.stop) for b in box))  # one call: lattice and scale are fixed
-            if key not in memo:
-                memo[key] = _box_is_free(atom, box)
-            return memo[key]
+        def free(prior: tuple[str, ...], element: str, coordinates: tuple[str, ...]) -> bool | None:
+            key = (prior, element, coordinates)
+            if key not in verdicts:
+                box = _box(coordinates)
+                verdicts[key] = (
+                    None if box is None else _box_is_free((lattice, prior, element, self.scale), box)
+                )
+            return verdicts[key]
 
+        before = tuple(current[1:])  # the current atom's coordinates before the token
         forbidden = []
         for token in candidates:
             prior, fields = earlier, (tail + token_texts[token]).split()
             for start in range(0, len(fields), 4):
-                element, coordinates = fields[start], fields[start + 1 : start + 4]
-                if coordinates and prior:
-                    atom = (lattice, prior, element, self.scale)
-                    box = _box(coordinates)
-                    # what the text before the token left this atom: its coordinates there, or the whole cell
-                    before = _box(current[1:] if start == 0 and len(current) > 1 else [])
-                    if box is not None and free(atom, before) and free(atom, box) is False:
+                element, coordinates = fields[start], tuple(fields[start + 1 : start + 4])
+                # what the text before the token left this atom: its coordinates there, or the whole cell
+                if coordinates and prior and free(prior, element, before if start == 0 else ()):
+                    if free(prior, element, coordinates) is False:
                         forbidden.append(token)
                         break
                 prior += tuple(fields[start : start + 4])
         return forbidden
 
 
-def _box(coordinates: Sequence[str]) -> tuple[slice, slice, slice] | None:
+@functools.lru_cache(maxsize=65536)
+def _box(coordinates: tuple[str, ...]) -> tuple[slice, slice, slice] | None:
     """The grid index ranges (x, y, z) an atom whose coordinates begin with `coordinates` may end at (fields
     past z belong to the next atom); None when one is not a coordinate the grammar writes."""
     ranges = tuple(_grid_range(c) for c in coordinates[:3])

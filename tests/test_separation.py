@@ -11,7 +11,7 @@ from ase.data import atomic_numbers, covalent_radii
 from pymatgen.core import Lattice
 
 from crystals.grammar import structure_grammar
-from crystals.separation import GRID, SeparationRule, free_plane
+from crystals.separation import GRID, SeparationRule, free_grid
 from crystals.text import parse_structure
 from crystals.validity import check_structure_covalent
 from grpo.constraint import ConstraintError, GrammarConstraint
@@ -37,24 +37,39 @@ def brute_force_free(lattice: Lattice, sites, symbols, new_symbol, x, y, scale=0
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_free_plane_matches_pymatgen_periodic_distances(seed):
+def test_free_grid_matches_pymatgen_periodic_distances(seed):
     """Random reduced-like cells, some of them narrow (where images beyond the first shell are nearer); a few
-    rows of the plane against pymatgen's distance over every image."""
+    lines of the grid against pymatgen's distance over every image."""
     rng = np.random.default_rng(seed)
     lengths = rng.uniform(1.2, 6.0, 3)
     angles = rng.uniform(62, 88, 3) if seed % 2 else rng.uniform(92, 118, 3)
     lattice = Lattice.from_parameters(*lengths, *angles)
     symbols = list(rng.choice(["Cs", "O", "Si", "Ba"], 3))
     sites = rng.integers(0, GRID, (3, 3)) / GRID
-    x = rng.integers(0, GRID) / GRID
     thresholds = 0.5 * (
         covalent_radii[[atomic_numbers[s] for s in symbols]] + covalent_radii[atomic_numbers["O"]]
     )
-    ours = free_plane(lattice.matrix, sites, thresholds, x)
-    rows = rng.integers(0, GRID, 4)
-    for y in rows:
-        assert np.array_equal(ours[y], brute_force_free(lattice, sites, symbols, "O", x, y / GRID)), y
-    assert 0 < ours.mean() < 1  # each case blocks part of the plane
+    ours = free_grid(lattice.matrix, sites, thresholds)
+    for x, y in rng.integers(0, GRID, (4, 2)):
+        assert np.array_equal(ours[x, y], brute_force_free(lattice, sites, symbols, "O", x / GRID, y / GRID))
+    assert 0 < ours.mean() < 1  # each case blocks part of the cell
+
+
+def test_a_grid_narrowed_atom_by_atom_equals_the_grid_built_at_once():
+    """The cache narrows an atom's grid from the grid of the atom before it (same element) by one site."""
+    from crystals import separation
+
+    lattice = ("5.1", "4.3", "6.2", "80", "95", "112")
+    atoms = ("O", "0.10", "0.20", "0.30", "O", "0.55", "0.15", "0.90", "Mg", "0.40", "0.70", "0.05")
+    separation._GRIDS.clear()
+    for end in range(0, len(atoms) + 1, 4):  # as sampling asks: atom after atom
+        narrowed = separation._free_grid_of(lattice, atoms[:end], "O", 0.5)
+    assert len(separation._GRIDS) == 4
+    separation._GRIDS.clear()
+    at_once = separation._free_grid_of(lattice, atoms, "O", 0.5)
+    assert len(separation._GRIDS) == 1
+    assert np.array_equal(narrowed.points, at_once.points) and 0 < at_once.points.mean() < 1
+    assert np.array_equal(at_once.planes, at_once.points.any(axis=(1, 2)))
 
 
 def test_forbidden_tokens_are_those_whose_completions_all_overlap():
@@ -109,9 +124,7 @@ def test_x_is_never_chosen_where_no_y_and_z_are_free():
     lattice = Lattice.from_parameters(4.0, 1.5, 1.5, 90, 90, 90)
     text = "4.0 1.5 1.5 90 90 90\nCs 0.00 0.00 0.00\nCl "
     threshold = 0.5 * (covalent_radii[atomic_numbers["Cs"]] + covalent_radii[atomic_numbers["Cl"]])
-    planes = [
-        free_plane(lattice.matrix, np.zeros((1, 3)), np.array([threshold]), k / GRID) for k in range(GRID)
-    ]
+    planes = free_grid(lattice.matrix, np.zeros((1, 3)), np.array([threshold]))
     blocked = {k for k in range(GRID) if not planes[k].any()}
     assert 0 in blocked and 50 not in blocked and 99 in blocked  # the case is what the test means it to be
     for k in (min(blocked, key=lambda k: abs(k - 50)), 50):  # the plane's farthest point from the Cs line
