@@ -122,11 +122,10 @@ def _free_grid_of(
     return result
 
 
-def _box_is_free(atom: tuple, box: tuple[slice, slice, slice]) -> bool | None:
-    """Whether some grid point of `box` (x, y, z index ranges) is free for `atom` (_free_grid_of's
-    arguments); None for malformed text."""
-    free = _free_grid_of(*atom)
-    if free is None:
+def _box_is_free(free: _FreeGrid | None, box: tuple[slice, slice, slice] | None) -> bool | None:
+    """Whether some grid point of `box` (x, y, z index ranges) is free; None for malformed text (no grid or no
+    box)."""
+    if free is None or box is None:
         return None
     xs, ys, zs = box
     if ys.stop - ys.start == GRID and zs.stop - zs.start == GRID:  # only x chosen so far: the planes say it
@@ -172,15 +171,16 @@ class SeparationRule:
             return []
         lattice, earlier, current = state
         tail = " ".join(current) + (" " if current and text[-1].isspace() else "")
-        verdicts: dict[tuple, bool | None] = {}  # candidates mostly share their atom and the box before them
+        grids: dict[tuple, _FreeGrid | None] = {}  # candidates mostly share their atom: look its grid up once
+        verdicts: dict[tuple, bool | None] = {}  # and the box before them
 
         def free(prior: tuple[str, ...], element: str, coordinates: tuple[str, ...]) -> bool | None:
-            key = (prior, element, coordinates)
+            since = prior[len(earlier) :]  # atoms the candidate itself completed (usually none)
+            key = (since, element, coordinates)
             if key not in verdicts:
-                box = _box(coordinates)
-                verdicts[key] = (
-                    None if box is None else _box_is_free((lattice, prior, element, self.scale), box)
-                )
+                if (since, element) not in grids:
+                    grids[since, element] = _free_grid_of(lattice, prior, element, self.scale)
+                verdicts[key] = _box_is_free(grids[since, element], _box(coordinates))
             return verdicts[key]
 
         before = tuple(current[1:])  # the current atom's coordinates before the token
@@ -198,7 +198,6 @@ class SeparationRule:
         return forbidden
 
 
-@functools.lru_cache(maxsize=65536)
 def _box(coordinates: tuple[str, ...]) -> tuple[slice, slice, slice] | None:
     """The grid index ranges (x, y, z) an atom whose coordinates begin with `coordinates` may end at (fields
     past z belong to the next atom); None when one is not a coordinate the grammar writes."""
@@ -208,6 +207,7 @@ def _box(coordinates: tuple[str, ...]) -> tuple[slice, slice, slice] | None:
     return (*ranges, *[slice(0, GRID)] * (3 - len(ranges)))
 
 
+@functools.lru_cache(maxsize=1024)  # the grammar writes ~111 prefixes
 def _grid_range(prefix: str) -> slice | None:
     """The grid indices a coordinate beginning with `prefix` may end at ("0." -> 0-99, "0.3" -> 30-39)."""
     if _PREFIX.fullmatch(prefix) is None:
