@@ -27,6 +27,14 @@ class GuardConfig:
     timeout_s: float | None = 60.0
 
 
+def plane_spacings(matrix: np.ndarray) -> np.ndarray:
+    """w_i = V / |a_j x a_k|: the cell's width along each axis i, across the planes of the other two (rows of
+    `matrix` are the lattice vectors). A point within r of a site lies within r / w_i of it in fractional
+    coordinate i, so a search to distance r visits ceil(r / w_i) periodic images each way along i."""
+    areas = np.linalg.norm(np.cross(matrix[[1, 2, 0]], matrix[[2, 0, 1]]), axis=1)
+    return abs(float(np.linalg.det(matrix))) / areas
+
+
 def guard_structure(structure: Structure, config: GuardConfig) -> str | None:
     """Why this cell cannot be given to a potential (None when it can)."""
     matrix = structure.lattice.matrix
@@ -40,9 +48,7 @@ def guard_structure(structure: Structure, config: GuardConfig) -> str | None:
         return "huge_cell"
     if n_atoms / volume * 4 / 3 * math.pi * config.cutoff**3 > config.max_neighbors_per_atom:
         return "too_many_neighbors"
-    # plane spacing w_i = V / |a_j x a_k|; the search visits ceil(r / w_i) images each way along i
-    areas = np.linalg.norm(np.cross(matrix[[1, 2, 0]], matrix[[2, 0, 1]]), axis=1)
-    reach = np.ceil(config.cutoff * areas / volume)
+    reach = np.ceil(config.cutoff / plane_spacings(matrix))  # images visited each way along each axis
     if float(np.prod(2 * reach + 1)) > config.max_images:
         return "too_many_images"
     return None

@@ -32,6 +32,8 @@ import numpy as np
 from ase.data import atomic_numbers, covalent_radii
 from pymatgen.core import Lattice
 
+from crystals.guard import plane_spacings
+
 GRID = 100  # coordinates are written 0.00-0.99 (crystals.grammar)
 _PREFIX = re.compile(r"0(\.\d{0,2})?")
 
@@ -48,8 +50,7 @@ def free_grid(
     across the planes of the other two axes), so an image can only block the grid points within t / w_i of it
     along every axis: each image is tested on that box alone, which is why a whole grid costs ~10-20 ms for
     20 atoms (a plane at a time cost ~1.5 ms per plane, 100 planes per atom)."""
-    volume = abs(np.linalg.det(matrix))
-    widths = [volume / np.linalg.norm(np.cross(matrix[j], matrix[k])) for j, k in ((1, 2), (2, 0), (0, 1))]
+    widths = plane_spacings(matrix)
     metric = matrix @ matrix.T
     free = np.ones((GRID, GRID, GRID), dtype=bool) if free is None else free.copy()
     for site, threshold in zip(sites, thresholds, strict=True):

@@ -41,7 +41,8 @@ def expected_rows(name: str, config: dict) -> set[str]:
         return {f"{v}/{side}" for v in config["variants"] for side in config["sides"]}
     if name == "rollout":
         rows = {f"{g}/{b}" for g in ("hf", "vllm") for b in config["batch_sizes"]}
-        return rows | {f"constraint/{g}/{m}" for g in ("hf", "vllm") for m in config["constraints"]}
+        rows |= {f"constraint/{g}/{m}" for g in ("hf", "vllm") for m in config["constraints"]}
+        return rows | ({"constraint/hf/formula+separation"} if config["separation"] else set())
     if name == "weight_sync":
         return {f"{size}/{mode}" for size in config["sizes"] for mode in config["modes"]}
     assert name == "reward"
