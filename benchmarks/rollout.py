@@ -12,8 +12,8 @@ backwards) so they share the machine's load. A grammar ends responses where it m
 different numbers of tokens; the overhead is therefore per unit of decoding work: HF decodes every row until
 the longest is done (rows x decoding steps, finished rows padded), vLLM only the real tokens. Overhead =
 rate(none) / rate(mode) - 1 (target <= 0.15 at batch 32). HF has one more mode, ``formula+separation``: the
-formula grammar with crystals.separation's rule at ``separation`` (the rule reads each row's text and tests
-grid planes, so its cost grows with the atoms written).
+formula grammar with crystals.separation's rule at ``separation`` (the rule reads each row's text and builds
+a free grid per atom written, so its cost grows with the atoms written).
 
     python -m benchmarks.rollout [--quick] [--out FILE.json]
 """

@@ -3,7 +3,8 @@
     reward = -min(E_hull, clip)   [eV/atom],   E_hull from crystals.hull.EnergyToHull
 
 E_hull is computed for the generated (unrelaxed) structure, or after ``relax_steps`` FIRE steps when
-given, or at the best of the cell volumes ``volume_scan`` lists (``rewards.potential.VolumeScan``). Unlike -E_tot it cannot be gamed by switching to heavier elements: the competing phases' energies
+given, or at the best of the cell volumes ``volume_scan`` lists (``rewards.potential.VolumeScan``).
+Unlike -E_tot it cannot be gamed by switching to heavier elements: the competing phases' energies
 move with the composition. ``clip`` bounds the worst reward so a few absurd structures do not dominate the
 group's standard deviation; by default every penalty equals -clip, so a broken or rejected structure is
 never better than the worst valid one (with the paper's -0.1 it would beat any E_hull > 0.1 eV/atom, and RL
