@@ -18,12 +18,16 @@ token masks for any tokenizer and vLLM accepts as a per-request structured outpu
 
 The grouped modes rely on the training text listing atoms in ``element_order`` (``canonical_structure``), so
 the model has learnt to write them that way.
+
+Each grammar opens with a comment that states its counts as data (``AtomCounts``), so a token rule that needs
+the composition a text may still end at (``crystals.room``) reads it from the row's spec, not from the prompt.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Literal
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
 
 from pymatgen.core import Composition, Element
 
@@ -47,6 +51,37 @@ coords ::= " " coord " " coord " " coord
 coord ::= "0." [0-9] [0-9]
 """
 ELEMENT_SYMBOLS: tuple[str, ...] = tuple(element.symbol for element in Element)
+
+
+_HEADER = "# atom counts: "
+
+
+class AtomCounts(NamedTuple):
+    """The counts a grammar's text may end with: ``unit`` of each element (in order), times a whole Z >= 1
+    when ``multiples`` (formula mode), else at least ``unit`` (elements: one of each; format: nothing)."""
+
+    unit: dict[str, int]
+    multiples: bool
+
+    def fewest(self, begun: Mapping[str, int]) -> dict[str, int]:
+        """The fewest atoms of each element a text that has begun `begun` atoms can end with."""
+        if self.multiples:
+            z = max([1] + [-(-begun.get(el, 0) // n) for el, n in self.unit.items()])
+            return {el: z * n for el, n in self.unit.items()}
+        fewest = {el: max(n, begun.get(el, 0)) for el, n in self.unit.items()}
+        return fewest | {el: n for el, n in begun.items() if el not in self.unit}
+
+
+def atom_counts(spec: str | None) -> AtomCounts | None:
+    """The AtomCounts a ``structure_grammar`` spec states in its first line (None for any other spec)."""
+    if not spec or not spec.startswith(_HEADER):
+        return None
+    counts = json.loads(spec[len(_HEADER) : spec.index("\n")])
+    return AtomCounts(counts["unit"], counts["multiples"])
+
+
+def _header(counts: AtomCounts) -> str:
+    return _HEADER + json.dumps({"unit": counts.unit, "multiples": counts.multiples}) + "\n"
 
 
 def _literal(text: str) -> str:
@@ -76,15 +111,13 @@ def integer_composition(composition: Composition) -> Composition:
     return reduced
 
 
-def _formula_rules(composition: Composition, separator: str, max_atoms: int) -> str:
-    """root: the lattice, then Z x n_el atoms of each element in element_order, one alternative per Z."""
-    reduced = integer_composition(composition)
-    counts = {symbol: int(reduced[symbol]) for symbol in element_order(reduced)}
+def _formula_rules(counts: dict[str, int], separator: str, max_atoms: int) -> str:
+    """root: the lattice, then Z x n_el atoms of each element (`counts`: a whole formula unit, in
+    element_order), one alternative per Z."""
     per_unit = sum(counts.values())
     if per_unit > max_atoms:
-        raise ValueError(
-            f"{reduced.reduced_formula} has {per_unit} atoms per formula unit, more than {max_atoms}"
-        )
+        formula = "".join(f"{el}{n if n > 1 else ''}" for el, n in counts.items())
+        raise ValueError(f"{formula} has {per_unit} atoms per formula unit, more than {max_atoms}")
     alternatives = [
         " ".join(f"({_atom(separator, [symbol])}){{{z * n}}}" for symbol, n in counts.items())
         for z in range(1, max_atoms // per_unit + 1)
@@ -138,10 +171,15 @@ def structure_grammar(
     separator = SEPARATORS[layout]
     if constraint == "format":
         root = f"root ::= lattice ({_atom(separator, list(ELEMENT_SYMBOLS))}){{1,{max_atoms}}}"
+        counts = AtomCounts({}, multiples=False)
     elif formula is None:
         raise ValueError(f"constraint {constraint!r} needs the prompt's formula")
     elif constraint == "elements":
-        root = _elements_rules(_composition(formula), separator, max_atoms)
+        composition = _composition(formula)
+        root = _elements_rules(composition, separator, max_atoms)
+        counts = AtomCounts({el: 1 for el in element_order(composition)}, multiples=False)
     else:
-        root = _formula_rules(_composition(formula), separator, max_atoms)
-    return root + "\n" + _COMMON_RULES.strip() + "\n"
+        reduced = integer_composition(_composition(formula))
+        counts = AtomCounts({el: int(reduced[el]) for el in element_order(reduced)}, multiples=True)
+        root = _formula_rules(counts.unit, separator, max_atoms)
+    return _header(counts) + root + "\n" + _COMMON_RULES.strip() + "\n"

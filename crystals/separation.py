@@ -158,11 +158,14 @@ class SeparationRule:
         done = 6 + 4 * atoms
         return tuple(fields[:6]), tuple(fields[6:done]), fields[done:]
 
-    def watches(self, text: str) -> bool:
-        """Whether the next token may write a coordinate this rule tests (cheap: a split of the text)."""
+    def watches(self, text: str, spec: str | None = None) -> bool:
+        """Whether the next token may write a coordinate this rule tests (cheap: a split of the text; the
+        row's spec does not matter)."""
         return self._state(text) is not None
 
-    def forbidden(self, text: str, candidates: Sequence[int], token_texts: Sequence[str]) -> list[int]:
+    def forbidden(
+        self, text: str, candidates: Sequence[int], token_texts: Sequence[str], spec: str | None = None
+    ) -> list[int]:
         """The candidates after which the text writes an atom whose every completion of (x, y, z) lands on an
         earlier atom, where the text before them left that atom a free point (else the rule gives up on it).
         A token may carry an element and its coordinates, or end one atom and begin the next: each atom the

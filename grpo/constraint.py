@@ -13,8 +13,9 @@ places:
   old, new and reference log-probabilities, the ratio, the KL and TIS are those of the policy that sampled.
 
 A ``TokenRule`` narrows a grammar's sets by what a grammar cannot say (a domain's rule that compares the text
-with itself); it sees each constrained row's response text so far and applies in all three places alike (HF
-sampling and replay; a vLLM engine runs the grammar alone, so a rule needs the HF generator).
+with itself); it sees each constrained row's spec and response text so far and applies in all three places
+alike (HF sampling and replay; a vLLM engine runs the grammar alone, so a rule needs the HF generator).
+``TokenRules`` chains several.
 
 A rollout's masks are a ``TokenMasks``: one packed bitmask per distinct allowed set (bit v of int32 word v // 32
 set: token v allowed) and, per position, the index of its set. A grammar has few distinct sets (digits, a
@@ -104,18 +105,42 @@ class ConstraintError(RuntimeError):
 
 
 class TokenRule(Protocol):
-    """What a grammar cannot state, on top of it: tokens to forbid given a constrained row's response text so
-    far. A pure function of its arguments (sampling and replay must agree); it only removes tokens, and when it
-    would remove every candidate it should remove none (an empty set is an error)."""
+    """What a grammar cannot state, on top of it: tokens to forbid given a constrained row's spec and its
+    response text so far. A pure function of its arguments (sampling and replay must agree); it only removes
+    tokens, and when it would remove every candidate it should remove none (an empty set is an error)."""
 
-    def watches(self, text: str) -> bool:
+    def watches(self, text: str, spec: str | None = None) -> bool:
         """Whether the rule may forbid anything after `text` (cheap: called for every row at every step)."""
         ...
 
-    def forbidden(self, text: str, candidates: Sequence[int], token_texts: Sequence[str]) -> Sequence[int]:
+    def forbidden(
+        self, text: str, candidates: Sequence[int], token_texts: Sequence[str], spec: str | None = None
+    ) -> Sequence[int]:
         """The ids among `candidates` (those the grammar allows) to forbid; `token_texts[id]` is a token's
         text."""
         ...
+
+
+class TokenRules:
+    """Several rules as one: each narrows what the ones before it left (so no rule sees a candidate another
+    has forbidden, and each keeps its own promise never to empty the set)."""
+
+    def __init__(self, rules: Sequence[TokenRule]):
+        self.rules = list(rules)
+
+    def watches(self, text: str, spec: str | None = None) -> bool:
+        return any(rule.watches(text, spec) for rule in self.rules)
+
+    def forbidden(
+        self, text: str, candidates: Sequence[int], token_texts: Sequence[str], spec: str | None = None
+    ) -> list[int]:
+        left, forbidden = list(candidates), []
+        for rule in self.rules:
+            if rule.watches(text, spec):
+                removed = set(rule.forbidden(text, left, token_texts, spec))
+                forbidden += [token for token in left if token in removed]
+                left = [token for token in left if token not in removed]
+        return forbidden
 
 
 class GrammarConstraint:
@@ -155,14 +180,14 @@ class GrammarConstraint:
             self._compiled[spec] = self._compiler.compile_grammar(spec)
         return self._xgr.GrammarMatcher(self._compiled[spec])
 
-    def fill(self, matcher, out: torch.Tensor, row: int, text: str = "") -> None:
-        """The tokens `matcher` allows next into out[row] (packed), narrowed by the rule given the response
-        `text` so far; an empty set is a ConstraintError."""
+    def fill(self, matcher, out: torch.Tensor, row: int, text: str = "", spec: str | None = None) -> None:
+        """The tokens `matcher` allows next into out[row] (packed), narrowed by the rule given the row's `spec`
+        and its response `text` so far; an empty set is a ConstraintError."""
         matcher.fill_next_token_bitmask(out, row)
-        if self.rule is not None and self.rule.watches(text):
+        if self.rule is not None and self.rule.watches(text, spec):
             allowed = unpack_bitmask(out[row], self.vocab_size)
             candidates = allowed.nonzero().flatten().tolist()
-            forbidden = list(self.rule.forbidden(text, candidates, self.token_texts))
+            forbidden = list(self.rule.forbidden(text, candidates, self.token_texts, spec))
             if forbidden:
                 allowed[forbidden] = False
                 out[row] = pack_bitmask(allowed)
@@ -188,7 +213,7 @@ class GrammarConstraint:
             length = int(response_mask[row].sum())
             text = ""
             for t, token in enumerate(response_ids[row, :length].tolist()):
-                self.fill(matcher, buffer, 0, text)
+                self.fill(matcher, buffer, 0, text, spec)
                 index[row, t] = table.add(buffer[0])
                 if not _has_bit(buffer[0], token) or not matcher.accept_token(token):  # rule, then grammar
                     raise ConstraintError(
@@ -205,6 +230,7 @@ class ConstraintLogitsProcessor(LogitsProcessor):
 
     def __init__(self, constraint: GrammarConstraint, specs: Sequence[str | None]):
         self.constraint = constraint
+        self.specs = list(specs)
         self.matchers = [constraint.matcher(spec) if spec is not None else None for spec in specs]
         self.texts = [""] * len(specs)  # each row's response so far, for the constraint's rule
         self.table = _MaskTable(constraint.words)
@@ -224,7 +250,7 @@ class ConstraintLogitsProcessor(LogitsProcessor):
             if matcher is None or matcher.is_terminated():
                 self._bitmask[row] = -1
             else:
-                self.constraint.fill(matcher, self._bitmask, row, self.texts[row])
+                self.constraint.fill(matcher, self._bitmask, row, self.texts[row], self.specs[row])
             step.append(self.table.add(self._bitmask[row]))
         self.steps.append(step)
         allowed = unpack_bitmask(self._bitmask, scores.shape[-1]).to(scores.device)

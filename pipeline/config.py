@@ -57,17 +57,21 @@ class RunConfig:
     # of the asked composition, so every GRPO sample is scored on its energy and none is wasted on a penalty.
     constraint: Constraint = "formula"
     # > 0: under a grammar, sampling may not put an atom within this x (r_i + r_j) of an earlier one (covalent
-    # radii; 0.5 is the validity rule, so no sample fails it where its x leaves a free (y, z);
+    # radii; 0.5 is the validity rule, so no sample fails it while its cell has a free point for each atom;
     # crystals.separation). HF generator only; no effect with constraint "none" (the rule reads the text a
     # grammar keeps well formed).
     # 0: off, as in the paper (a small model's commonest failure is atoms on top of each other).
     separation: float = 0.0
+    # > 0: under a grammar, sampling may not write a cell smaller than this x the covalent-sphere volume of its
+    # atoms (0.9: roomier than 99.5 % of MP-20's crystals; crystals.volume_floor), so a cell leaves the
+    # separation rule room for every atom. Same scope as separation. 0: off.
+    volume_floor: float = 0.0
     max_atoms: int = 20  # atoms per cell at most (paper: 20): the grammar's limit and the reward's penalty
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, ">= 1", lambda v: v >= 1, "max_atoms", "train_limit")
-        check_fields(self, ">= 0", lambda v: v >= 0, "separation")
+        check_fields(self, ">= 0", lambda v: v >= 0, "separation", "volume_floor")
         # the byte alphabet and the special tokens come first; train_bpe_tokenizer refuses less
         smallest = 256 + len(CHATML_SPECIAL_TOKENS)
         check_fields(self, f">= {smallest}", lambda v: v >= smallest, "tokenizer_vocab_size")

@@ -29,9 +29,11 @@ from crystals.text import (
     read_cif,
     write_cif,
 )
+from crystals.volume_floor import VolumeFloorRule
 from evaluation.relax import RelaxConfig
 from grpo.atomic import atomic_write_text
 from grpo.checkpoint import checkpoint_dir, latest_checkpoint
+from grpo.constraint import TokenRules
 from grpo.distributed import (
     barrier,
     is_main,
@@ -115,22 +117,34 @@ def response_grammar(run: RunConfig, formula: str) -> str | None:
         raise PipelineError(f"constraint {run.constraint!r} for {formula}: {err}") from None
 
 
-def token_rule(run: RunConfig, generator: GeneratorConfig) -> SeparationRule | None:
-    """The rule on top of the run's grammar (`run.separation`), or None; it needs the HF generator."""
-    if not run.separation or run.constraint == "none":
+def token_rule(run: RunConfig, generator: GeneratorConfig) -> TokenRules | None:
+    """The rules on top of the run's grammar (`run.volume_floor`, then `run.separation`), or None; they need
+    the HF generator."""
+    rules = _rule_settings(run)
+    if not rules:
         return None
     if generator.kind != "hf":
         raise PipelineError(
-            f"run.separation needs the hf generator (a vLLM engine runs the grammar alone), not {generator.kind}"
+            f"run.{' and run.'.join(rules)} need the hf generator (a vLLM engine runs the grammar alone), "
+            f"not {generator.kind}"
         )
-    return SeparationRule(run.separation)
+    made = {"volume_floor": VolumeFloorRule, "separation": SeparationRule}
+    return TokenRules([made[name](value) for name, value in rules.items()])
+
+
+def _rule_settings(run: RunConfig) -> dict[str, float]:
+    """The token rules a run turns on, in the order they narrow: the cell first, then the atoms in it."""
+    if run.constraint == "none":
+        return {}
+    settings = {"volume_floor": run.volume_floor, "separation": run.separation}
+    return {name: value for name, value in settings.items() if value}
 
 
 def constraint_label(run: RunConfig) -> str:
     """What the samples were drawn under, as sample records and report rows name it."""
-    if run.separation and run.constraint != "none":
-        return f"{run.constraint} + separation {run.separation:g}"
-    return run.constraint
+    rules = _rule_settings(run)
+    names = {"volume_floor": "volume floor", "separation": "separation"}
+    return " + ".join([run.constraint] + [f"{names[name]} {value:g}" for name, value in rules.items()])
 
 
 def crystal_prompt_items(

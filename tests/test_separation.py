@@ -207,20 +207,33 @@ def test_sampling_under_the_rule_passes_the_validity_rule_and_replays(crystal_mo
         constraint.replay([grammar], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
 
 
-def test_the_rule_is_refused_with_a_vllm_generator_and_named_in_the_sample_records():
-    """vLLM runs the grammar alone, so its samples could break the rule at replay: a one-line refusal."""
+def test_the_rules_are_refused_with_a_vllm_generator_and_named_in_the_sample_records():
+    """vLLM runs the grammar alone, so its samples could break a rule at replay: a one-line refusal."""
+    from crystals.volume_floor import VolumeFloorRule
     from grpo.generation import GeneratorConfig, build_generator
     from pipeline.config import PipelineError, RunConfig
     from pipeline.runs import constraint_label, token_rule
 
     run = RunConfig(constraint="formula", separation=0.5)
-    assert isinstance(token_rule(run, GeneratorConfig(kind="hf")), SeparationRule)
+    assert [type(r) for r in token_rule(run, GeneratorConfig(kind="hf")).rules] == [SeparationRule]
+    both = RunConfig(constraint="formula", separation=0.5, volume_floor=0.9)
+    assert [type(r) for r in token_rule(both, GeneratorConfig(kind="hf")).rules] == [
+        VolumeFloorRule,
+        SeparationRule,
+    ]
     assert token_rule(RunConfig(constraint="none", separation=0.5), GeneratorConfig(kind="hf")) is None
-    with pytest.raises(PipelineError, match="needs the hf generator"):
+    assert token_rule(RunConfig(constraint="formula"), GeneratorConfig(kind="hf")) is None
+    with pytest.raises(PipelineError, match="run.separation need the hf generator"):
         token_rule(run, GeneratorConfig(kind="vllm"))
+    with pytest.raises(PipelineError, match="run.volume_floor and run.separation need the hf generator"):
+        token_rule(both, GeneratorConfig(kind="vllm"))
     with pytest.raises(ValueError, match="needs the hf generator"):
         build_generator(GeneratorConfig(kind="vllm"), None, None, "unused", token_rule=SeparationRule())
     assert constraint_label(run) == "formula + separation 0.5"
+    assert constraint_label(both) == "formula + volume floor 0.9 + separation 0.5"
     assert constraint_label(RunConfig(constraint="formula")) == "formula"
+    assert constraint_label(RunConfig(constraint="none", volume_floor=0.9)) == "none"
     with pytest.raises(ValueError, match="separation must be >= 0"):
         RunConfig(separation=-1.0)
+    with pytest.raises(ValueError, match="volume_floor must be >= 0"):
+        RunConfig(volume_floor=-1.0)

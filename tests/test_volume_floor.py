@@ -1,0 +1,152 @@
+"""crystals/volume_floor.py: the volume bound holds for every prefix of every lattice the grammar writes and is
+exact once the lattice is written, the counts a grammar states are those it accepts, the rule forbids exactly
+the tokens after which no cell has room, and sampling under it (HF, formula grammar, with the separation rule)
+writes roomy cells, with the masks replayed as sampled."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pymatgen.core import Lattice
+
+from crystals.grammar import atom_counts, structure_grammar
+from crystals.separation import SeparationRule
+from crystals.text import parse_structure
+from crystals.volume_floor import VolumeFloorRule, largest_volume, needed_volume, sphere_volume
+from grpo.constraint import GrammarConstraint, TokenRules
+from grpo.generation import HFGenerator, SamplingConfig, decode_responses, output_vocab_size
+from tests.test_constraint import crystal_model  # noqa: F401  (the fixture)
+from tests.test_separation import prompts_for
+
+lengths = st.integers(10, 999).map(lambda tenths: f"{tenths / 10:.1f}")
+acute, obtuse = st.integers(60, 90), st.integers(90, 119)
+
+
+@st.composite
+def lattices(draw) -> str:
+    """Lattice lines the grammar writes: three lengths, then three acute or three obtuse angles."""
+    angles = draw(st.lists(draw(st.sampled_from([acute, obtuse])), min_size=3, max_size=3))
+    return " ".join([draw(lengths) for _ in range(3)] + [str(a) for a in angles])
+
+
+@settings(max_examples=60, deadline=None)
+@given(lattices())
+def test_the_bound_holds_for_every_prefix_and_is_exact_for_the_whole_lattice(line):
+    volume = Lattice.from_parameters(*(float(v) for v in line.split())).volume
+    assert largest_volume(line + "\n") == pytest.approx(volume, rel=1e-9)
+    for end in range(1, len(line) + 1):
+        assert largest_volume(line[:end]) >= volume * (1 - 1e-9), line[:end]
+
+
+def test_the_bound_of_an_unfinished_field():
+    assert largest_volume("3") == pytest.approx(39.9 * 99.9**2)  # "3" may still become 39.9
+    assert largest_volume("2.0 2.0 3.") == pytest.approx(2 * 2 * 3.9)
+    assert largest_volume("2.0 2.0 2.0 6") == pytest.approx(8 * math.sin(math.radians(69)))  # 60-69
+    # the last angle free over its choices: the shape factor's exact maximum over 100-109
+    best = max(Lattice.from_parameters(2, 2, 2, 100, 100, g).volume for g in range(100, 110))
+    assert largest_volume("2.0 2.0 2.0 100 100 10") == pytest.approx(best)
+    assert largest_volume("2.0 2.0 x") == math.inf  # not the grammar's text: left to it
+
+
+def test_each_grammar_states_the_fewest_atoms_it_can_end_with():
+    formula = atom_counts(structure_grammar("formula", "Li2O"))
+    assert formula.fewest({}) == {"O": 1, "Li": 2}
+    assert formula.fewest({"O": 1, "Li": 3}) == {"O": 2, "Li": 4}  # a third Li begins Z = 2
+    elements = atom_counts(structure_grammar("elements", "Li2O"))
+    assert elements.fewest({"Li": 3}) == {"O": 1, "Li": 3}
+    assert atom_counts(structure_grammar("format")).fewest({"Na": 2}) == {"Na": 2}
+    assert atom_counts(None) is None
+    assert atom_counts("root ::= lattice") is None
+
+
+def test_the_rule_forbids_exactly_the_lengths_and_atoms_with_no_room():
+    rule = VolumeFloorRule(0.9)
+    spec = structure_grammar("formula", "BaTiO3", layout="lines")
+    need = 0.9 * sum(n * sphere_volume(el) for el, n in {"Ba": 1, "Ti": 1, "O": 3}.items())
+    assert need == pytest.approx(needed_volume("", atom_counts(spec), 0.9))
+    digits = [str(d) for d in range(10)]
+    assert rule.forbidden("3.0 3.0 ", range(1, 10), digits, spec) == []  # c may still reach 19.9 or more
+    small = "3.0 3.0 1"  # 1.x alone is too small (9 x 1.9 < need) but 1x.x is not: only "." is forbidden
+    assert 9 * 1.9 < need < 9 * 10
+    assert rule.forbidden(small, range(3), [".", "0", "9"], spec) == [0]
+    # the lattice written: a cell with room for Z = 1, not for Z = 2 (a second Ba)
+    length = f"{(1.5 * need) ** (1 / 3):.1f}"
+    assert need <= float(length) ** 3 < 2 * need
+    cell = f"{length} " * 3 + "90 90 90"
+    atoms = (
+        cell + "\nBa 0.00 0.00 0.00\nTi 0.50 0.50 0.50\nO 0.50 0.50 0.00\nO 0.50 0.00 0.50\nO 0.00 0.50 0.50"
+    )
+    assert rule.forbidden(cell + "\nBa 0.00 0.00 0.00", [0, 1], ["\nTi", "\nBa"], spec) == [1]
+    assert rule.forbidden(atoms, [0, 1], ["\nBa", "\n"], spec) == [0]
+    assert rule.forbidden(atoms, [0], ["\nBa"], spec) == []  # never every candidate
+    assert not rule.watches(cell + "\nBa 0.0", spec)  # inside x: no atom can begin
+    assert rule.watches(cell + "\nBa 0.00 0.00 0.0", spec)  # inside z: the token may end it and begin one
+    assert not rule.watches("3.0", None) and not rule.watches("3.0", "root ::= lattice")
+    with pytest.raises(ValueError, match="> 0"):
+        VolumeFloorRule(0.0)
+
+
+def test_a_cell_already_too_small_is_left_alone():
+    rule = VolumeFloorRule(0.9)
+    spec = structure_grammar("formula", "BaTiO3", layout="lines")
+    assert rule.forbidden("1.0 1.0 1.0 9", range(2), ["0", "1"], spec) == []
+    assert rule.forbidden("1.0 1.0 1.0 90 90 90\nBa 0.00 0.00 0.00", [0], ["\nTi"], spec) == []
+
+
+def test_sampling_under_both_rules_writes_roomy_cells_and_replays(crystal_model, request):  # noqa: F811
+    """An untrained model pushed to write lengths of 1.x and 2.x A, under `formula`: without the floor many
+    cells are smaller than it, with it none, and the masks replayed from the tokens (both rules chained) are
+    those applied while sampling."""
+    model, tokenizer = crystal_model
+    short = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() in ("1", "2", "1.", "2.")]
+    bias = torch.zeros(output_vocab_size(model))
+    bias[short] = 10.0
+    bias[tokenizer.convert_tokens_to_ids(".")] = 14.0  # after one digit
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias)
+    request.addfinalizer(hook.remove)
+    rules = TokenRules([VolumeFloorRule(0.9), SeparationRule(0.5)])
+    formulas = ["NaCl", "SiO2", "BaTiO3", "Li2O"]
+    specs = [structure_grammar("formula", f, layout="lines", max_atoms=12) for f in formulas]
+    sampling = SamplingConfig(max_new_tokens=120, seed=3)
+    below = {}
+    for name, token_rule in (("without", None), ("with", rules)):
+        generator = HFGenerator(model, tokenizer, batch_size=16, token_rule=token_rule)
+        rollout = generator.generate(prompts_for(tokenizer, formulas), 4, sampling, specs)
+        structures = [parse_structure(text) for text in decode_responses(tokenizer, rollout)]
+        ratios = [
+            s.volume / sum(sphere_volume(site.specie.symbol) for site in s)
+            for s in structures
+            if s is not None
+        ]
+        assert len(ratios) == len(structures)
+        below[name] = int(np.sum(np.array(ratios) < 0.9))
+    assert below["with"] == 0 and below["without"] >= 4, below
+
+    constraint = GrammarConstraint(tokenizer, output_vocab_size(model), rule=rules)
+    row_specs = [spec for spec in specs for _ in range(4)]
+    replayed = constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
+    inside = rollout.response_mask.bool()
+    assert torch.equal(replayed.allowed()[inside], rollout.masks.allowed()[inside])
+
+
+def test_chained_rules_narrow_in_order_and_each_sees_only_what_is_left():
+    class Drop:
+        def __init__(self, drop):
+            self.drop, self.seen = drop, []
+
+        def watches(self, text, spec=None):
+            return True
+
+        def forbidden(self, text, candidates, token_texts, spec=None):
+            self.seen.append(list(candidates))
+            kept = [c for c in candidates if c not in self.drop]
+            return [] if not kept else [c for c in candidates if c in self.drop]
+
+    first, second = Drop({1, 2}), Drop({0, 3})
+    assert TokenRules([first, second]).forbidden("", [0, 1, 2, 3], []) == [1, 2]
+    assert second.seen == [[0, 3]]  # it would empty the set: it forbids nothing
