@@ -57,11 +57,13 @@ _HEADER = "# atom counts: "
 
 
 class AtomCounts(NamedTuple):
-    """The counts a grammar's text may end with: ``unit`` of each element (in order), times a whole Z >= 1
-    when ``multiples`` (formula mode), else at least ``unit`` (elements: one of each; format: nothing)."""
+    """The counts a grammar's text may end with: ``unit`` of each element (in the order the text writes them),
+    times a whole Z >= 1 when ``multiples`` (formula mode), else at least ``unit`` (elements: one of each;
+    format: nothing); ``max_atoms`` in all at most."""
 
     unit: dict[str, int]
     multiples: bool
+    max_atoms: int
 
     def fewest(self, begun: Mapping[str, int]) -> dict[str, int]:
         """The fewest atoms of each element a text that has begun `begun` atoms can end with."""
@@ -71,17 +73,29 @@ class AtomCounts(NamedTuple):
         fewest = {el: max(n, begun.get(el, 0)) for el, n in self.unit.items()}
         return fewest | {el: n for el, n in begun.items() if el not in self.unit}
 
+    def most(self, begun: Mapping[str, int]) -> int:
+        """The most atoms a text that has begun `begun` atoms can end with. In formula mode the first
+        element's atoms come first, so once another element has begun they fix Z; before, the largest Z that
+        fits. Otherwise ``max_atoms``."""
+        if not self.multiples:
+            return self.max_atoms
+        first, *rest = self.unit
+        per_unit = sum(self.unit.values())
+        if any(begun.get(el, 0) for el in rest):
+            return begun.get(first, 0) // self.unit[first] * per_unit
+        return self.max_atoms // per_unit * per_unit
+
 
 def atom_counts(spec: str | None) -> AtomCounts | None:
     """The AtomCounts a ``structure_grammar`` spec states in its first line (None for any other spec)."""
     if not spec or not spec.startswith(_HEADER):
         return None
     counts = json.loads(spec[len(_HEADER) : spec.index("\n")])
-    return AtomCounts(counts["unit"], counts["multiples"])
+    return AtomCounts(counts["unit"], counts["multiples"], counts["max_atoms"])
 
 
 def _header(counts: AtomCounts) -> str:
-    return _HEADER + json.dumps({"unit": counts.unit, "multiples": counts.multiples}) + "\n"
+    return _HEADER + json.dumps(counts._asdict()) + "\n"
 
 
 def _literal(text: str) -> str:
@@ -171,15 +185,15 @@ def structure_grammar(
     separator = SEPARATORS[layout]
     if constraint == "format":
         root = f"root ::= lattice ({_atom(separator, list(ELEMENT_SYMBOLS))}){{1,{max_atoms}}}"
-        counts = AtomCounts({}, multiples=False)
+        counts = AtomCounts({}, False, max_atoms)
     elif formula is None:
         raise ValueError(f"constraint {constraint!r} needs the prompt's formula")
     elif constraint == "elements":
         composition = _composition(formula)
         root = _elements_rules(composition, separator, max_atoms)
-        counts = AtomCounts({el: 1 for el in element_order(composition)}, multiples=False)
+        counts = AtomCounts({el: 1 for el in element_order(composition)}, False, max_atoms)
     else:
         reduced = integer_composition(_composition(formula))
-        counts = AtomCounts({el: int(reduced[el]) for el in element_order(reduced)}, multiples=True)
+        counts = AtomCounts({el: int(reduced[el]) for el in element_order(reduced)}, True, max_atoms)
         root = _formula_rules(counts.unit, separator, max_atoms)
     return _header(counts) + root + "\n" + _COMMON_RULES.strip() + "\n"

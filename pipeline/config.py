@@ -63,15 +63,19 @@ class RunConfig:
     # 0: off, as in the paper (a small model's commonest failure is atoms on top of each other).
     separation: float = 0.0
     # > 0: under a grammar, sampling may not write a cell smaller than this x the covalent-sphere volume of its
-    # atoms (0.9: roomier than 99.5 % of MP-20's crystals; crystals.volume_floor), so a cell leaves the
+    # atoms (0.9: roomier than 99.5 % of MP-20's crystals; crystals.cell_volume), so a cell leaves the
     # separation rule room for every atom. Same scope as separation. 0: off.
     volume_floor: float = 0.0
+    # > 0: nor a cell whose a b c passes this many A^3 per atom (150: above every MP-20 test crystal's, at most
+    # 134), where an atom may find no neighbour within the potential's cutoff and the reward fails. Same
+    # scope. 0: off.
+    volume_ceiling: float = 0.0
     max_atoms: int = 20  # atoms per cell at most (paper: 20): the grammar's limit and the reward's penalty
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, ">= 1", lambda v: v >= 1, "max_atoms", "train_limit")
-        check_fields(self, ">= 0", lambda v: v >= 0, "separation", "volume_floor")
+        check_fields(self, ">= 0", lambda v: v >= 0, "separation", "volume_floor", "volume_ceiling")
         # the byte alphabet and the special tokens come first; train_bpe_tokenizer refuses less
         smallest = 256 + len(CHATML_SPECIAL_TOKENS)
         check_fields(self, f">= {smallest}", lambda v: v >= smallest, "tokenizer_vocab_size")

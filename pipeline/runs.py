@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from crystals.cell_volume import CellVolumeRule
 from crystals.data import iter_split, split_formulas
 from crystals.grammar import SEPARATORS, structure_grammar
 from crystals.prompts import CrystalPrompt, PromptBuilder, parse_formula
@@ -29,7 +30,6 @@ from crystals.text import (
     read_cif,
     write_cif,
 )
-from crystals.volume_floor import VolumeFloorRule
 from evaluation.relax import RelaxConfig
 from grpo.atomic import atomic_write_text
 from grpo.checkpoint import checkpoint_dir, latest_checkpoint
@@ -118,32 +118,40 @@ def response_grammar(run: RunConfig, formula: str) -> str | None:
 
 
 def token_rule(run: RunConfig, generator: GeneratorConfig) -> TokenRules | None:
-    """The rules on top of the run's grammar (`run.volume_floor`, then `run.separation`), or None; they need
-    the HF generator."""
-    rules = _rule_settings(run)
-    if not rules:
+    """The rules on top of the run's grammar (`run.volume_floor` and `run.volume_ceiling`, then
+    `run.separation`), or None; they need the HF generator."""
+    settings = _rule_settings(run)
+    if not settings:
         return None
     if generator.kind != "hf":
         raise PipelineError(
-            f"run.{' and run.'.join(rules)} need the hf generator (a vLLM engine runs the grammar alone), "
+            f"run.{' and run.'.join(settings)} need the hf generator (a vLLM engine runs the grammar alone), "
             f"not {generator.kind}"
         )
-    made = {"volume_floor": VolumeFloorRule, "separation": SeparationRule}
-    return TokenRules([made[name](value) for name, value in rules.items()])
+    rules = []
+    if "volume_floor" in settings or "volume_ceiling" in settings:
+        rules.append(CellVolumeRule(run.volume_floor, run.volume_ceiling))
+    if "separation" in settings:
+        rules.append(SeparationRule(run.separation))
+    return TokenRules(rules)
 
 
 def _rule_settings(run: RunConfig) -> dict[str, float]:
     """The token rules a run turns on, in the order they narrow: the cell first, then the atoms in it."""
     if run.constraint == "none":
         return {}
-    settings = {"volume_floor": run.volume_floor, "separation": run.separation}
+    settings = {
+        "volume_floor": run.volume_floor,
+        "volume_ceiling": run.volume_ceiling,
+        "separation": run.separation,
+    }
     return {name: value for name, value in settings.items() if value}
 
 
 def constraint_label(run: RunConfig) -> str:
     """What the samples were drawn under, as sample records and report rows name it."""
     rules = _rule_settings(run)
-    names = {"volume_floor": "volume floor", "separation": "separation"}
+    names = {"volume_floor": "volume floor", "volume_ceiling": "volume ceiling", "separation": "separation"}
     return " + ".join([run.constraint] + [f"{names[name]} {value:g}" for name, value in rules.items()])
 
 

@@ -209,7 +209,7 @@ def test_sampling_under_the_rule_passes_the_validity_rule_and_replays(crystal_mo
 
 def test_the_rules_are_refused_with_a_vllm_generator_and_named_in_the_sample_records():
     """vLLM runs the grammar alone, so its samples could break a rule at replay: a one-line refusal."""
-    from crystals.volume_floor import VolumeFloorRule
+    from crystals.cell_volume import CellVolumeRule
     from grpo.generation import GeneratorConfig, build_generator
     from pipeline.config import PipelineError, RunConfig
     from pipeline.runs import constraint_label, token_rule
@@ -218,9 +218,14 @@ def test_the_rules_are_refused_with_a_vllm_generator_and_named_in_the_sample_rec
     assert [type(r) for r in token_rule(run, GeneratorConfig(kind="hf")).rules] == [SeparationRule]
     both = RunConfig(constraint="formula", separation=0.5, volume_floor=0.9)
     assert [type(r) for r in token_rule(both, GeneratorConfig(kind="hf")).rules] == [
-        VolumeFloorRule,
+        CellVolumeRule,
         SeparationRule,
     ]
+    three = RunConfig(constraint="formula", separation=0.5, volume_floor=0.9, volume_ceiling=150)
+    cell_rule = token_rule(three, GeneratorConfig(kind="hf")).rules[0]
+    assert (cell_rule.floor, cell_rule.ceiling) == (0.9, 150)
+    ceiling = token_rule(RunConfig(constraint="formula", volume_ceiling=150), GeneratorConfig(kind="hf"))
+    assert [(type(r), r.floor, r.ceiling) for r in ceiling.rules] == [(CellVolumeRule, 0.0, 150)]
     assert token_rule(RunConfig(constraint="none", separation=0.5), GeneratorConfig(kind="hf")) is None
     assert token_rule(RunConfig(constraint="formula"), GeneratorConfig(kind="hf")) is None
     with pytest.raises(PipelineError, match="run.separation need the hf generator"):
@@ -231,9 +236,12 @@ def test_the_rules_are_refused_with_a_vllm_generator_and_named_in_the_sample_rec
         build_generator(GeneratorConfig(kind="vllm"), None, None, "unused", token_rule=SeparationRule())
     assert constraint_label(run) == "formula + separation 0.5"
     assert constraint_label(both) == "formula + volume floor 0.9 + separation 0.5"
+    assert constraint_label(three) == "formula + volume floor 0.9 + volume ceiling 150 + separation 0.5"
     assert constraint_label(RunConfig(constraint="formula")) == "formula"
     assert constraint_label(RunConfig(constraint="none", volume_floor=0.9)) == "none"
     with pytest.raises(ValueError, match="separation must be >= 0"):
         RunConfig(separation=-1.0)
     with pytest.raises(ValueError, match="volume_floor must be >= 0"):
         RunConfig(volume_floor=-1.0)
+    with pytest.raises(ValueError, match="volume_ceiling must be >= 0"):
+        RunConfig(volume_ceiling=-1.0)

@@ -1,7 +1,8 @@
-"""crystals/volume_floor.py: the volume bound holds for every prefix of every lattice the grammar writes and is
-exact once the lattice is written, the counts a grammar states are those it accepts, the rule forbids exactly
-the tokens after which no cell has room, and sampling under it (HF, formula grammar, with the separation rule)
-writes roomy cells, with the masks replayed as sampled."""
+"""crystals/cell_volume.py: the volume bounds hold for every prefix of every lattice the grammar writes (the
+lower one for Niggli-reduced cells until the last angle is begun) and are exact once the lattice is written,
+the counts a grammar states are those it accepts, the rule forbids exactly the tokens after which no cell has
+room (or every cell has too much), and sampling under it (HF, formula grammar, with the separation rule)
+writes cells within both bounds, with the masks replayed as sampled."""
 
 from __future__ import annotations
 
@@ -14,10 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymatgen.core import Lattice
 
+from crystals.cell_volume import (
+    CellVolumeRule,
+    allowed_volume,
+    largest_volume,
+    needed_volume,
+    smallest_box,
+    sphere_volume,
+)
 from crystals.grammar import atom_counts, structure_grammar
 from crystals.separation import SeparationRule
 from crystals.text import parse_structure
-from crystals.volume_floor import VolumeFloorRule, largest_volume, needed_volume, sphere_volume
 from grpo.constraint import GrammarConstraint, TokenRules
 from grpo.generation import HFGenerator, SamplingConfig, decode_responses, output_vocab_size
 from tests.test_constraint import crystal_model  # noqa: F401  (the fixture)
@@ -38,9 +46,12 @@ def lattices(draw) -> str:
 @given(lattices())
 def test_the_bound_holds_for_every_prefix_and_is_exact_for_the_whole_lattice(line):
     volume = Lattice.from_parameters(*(float(v) for v in line.split())).volume
+    box = math.prod(float(v) for v in line.split()[:3])
     assert largest_volume(line + "\n") == pytest.approx(volume, rel=1e-9)
+    assert smallest_box(line + "\n") == pytest.approx(box, rel=1e-9)
     for end in range(1, len(line) + 1):
         assert largest_volume(line[:end]) >= volume * (1 - 1e-9), line[:end]
+        assert smallest_box(line[:end]) <= box * (1 + 1e-9), line[:end]
 
 
 def test_the_bound_of_an_unfinished_field():
@@ -51,6 +62,8 @@ def test_the_bound_of_an_unfinished_field():
     best = max(Lattice.from_parameters(2, 2, 2, 100, 100, g).volume for g in range(100, 110))
     assert largest_volume("2.0 2.0 2.0 100 100 10") == pytest.approx(best)
     assert largest_volume("2.0 2.0 x") == math.inf  # not the grammar's text: left to it
+    assert smallest_box("3") == 3.0 and smallest_box("2.0 2.") == 4.0  # "3" may stay 3.x, the others 1.0
+    assert smallest_box("2.0 2.0 3.5 100 100 10") == 14.0 and smallest_box("2.0 2.0 x") == 0.0
 
 
 def test_each_grammar_states_the_fewest_atoms_it_can_end_with():
@@ -60,12 +73,16 @@ def test_each_grammar_states_the_fewest_atoms_it_can_end_with():
     elements = atom_counts(structure_grammar("elements", "Li2O"))
     assert elements.fewest({"Li": 3}) == {"O": 1, "Li": 3}
     assert atom_counts(structure_grammar("format")).fewest({"Na": 2}) == {"Na": 2}
+    assert formula.most({}) == 18 and formula.most({"O": 5}) == 18  # Z <= 6 in 20 atoms
+    assert formula.most({"O": 2, "Li": 1}) == 6  # Li has begun: the two O fixed Z = 2
+    assert atom_counts(structure_grammar("formula", "Li2O", max_atoms=12)).most({}) == 12
+    assert elements.most({"Li": 1, "O": 1}) == 20
     assert atom_counts(None) is None
     assert atom_counts("root ::= lattice") is None
 
 
 def test_the_rule_forbids_exactly_the_lengths_and_atoms_with_no_room():
-    rule = VolumeFloorRule(0.9)
+    rule = CellVolumeRule(0.9)
     spec = structure_grammar("formula", "BaTiO3", layout="lines")
     need = 0.9 * sum(n * sphere_volume(el) for el, n in {"Ba": 1, "Ti": 1, "O": 3}.items())
     assert need == pytest.approx(needed_volume("", atom_counts(spec), 0.9))
@@ -87,12 +104,33 @@ def test_the_rule_forbids_exactly_the_lengths_and_atoms_with_no_room():
     assert not rule.watches(cell + "\nBa 0.0", spec)  # inside x: no atom can begin
     assert rule.watches(cell + "\nBa 0.00 0.00 0.0", spec)  # inside z: the token may end it and begin one
     assert not rule.watches("3.0", None) and not rule.watches("3.0", "root ::= lattice")
-    with pytest.raises(ValueError, match="> 0"):
-        VolumeFloorRule(0.0)
+    with pytest.raises(ValueError, match="one of them > 0"):
+        CellVolumeRule(0.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        CellVolumeRule(0.9, -1.0)
+
+
+def test_the_ceiling_forbids_exactly_the_lengths_and_closings_with_too_much_room():
+    rule = CellVolumeRule(0.0, 150.0)
+    spec = structure_grammar("formula", "NaCl", layout="lines")  # Na first; Z <= 10
+    assert allowed_volume("", atom_counts(spec), 150.0) == 150.0 * 20
+    # a b c <= 3000: c = 30.x fits after 9.9 9.9, 31.x does not; "." keeps c = 3.x
+    assert 9.9 * 9.9 * 30 <= 3000 < 9.9 * 9.9 * 31
+    assert rule.forbidden("9.9 9.9 3", range(3), ["0", "1", "."], spec) == [1]
+    cell = "9.9 9.9 9.9 90 90 90"  # 970 A^3: room for Z >= 4 (8 atoms), not fewer
+    one = cell + "\nNa 0.00 0.00 0.00"
+    assert rule.forbidden(one, [0, 1], ["\nCl", "\nNa"], spec) == [0]  # Cl would close Z = 1
+    four = one + "\nNa 0.50 0.50 0.00\nNa 0.50 0.00 0.50\nNa 0.00 0.50 0.50"
+    assert rule.forbidden(four, [0, 1], ["\nCl", "\nNa"], spec) == []
+    assert rule.forbidden(one, [0], ["\nCl"], spec) == []  # never every candidate
+    assert rule.forbidden("99.9 99.9 99.9 90 90 90\nNa 0.00 0.00 0.00", [0], ["\nCl"], spec) == []
+    both = CellVolumeRule(0.9, 150.0)  # each bound as alone
+    assert both.forbidden(one, [0, 1], ["\nCl", "\nNa"], spec) == [0]
+    assert both.forbidden("2.0 2.0 1", range(3), [".", "0", "9"], spec) == [0]  # 2 x 2 x 1.9 < 0.9 x 23.6
 
 
 def test_a_cell_already_too_small_is_left_alone():
-    rule = VolumeFloorRule(0.9)
+    rule = CellVolumeRule(0.9)
     spec = structure_grammar("formula", "BaTiO3", layout="lines")
     assert rule.forbidden("1.0 1.0 1.0 9", range(2), ["0", "1"], spec) == []
     assert rule.forbidden("1.0 1.0 1.0 90 90 90\nBa 0.00 0.00 0.00", [0], ["\nTi"], spec) == []
@@ -109,7 +147,7 @@ def test_sampling_under_both_rules_writes_roomy_cells_and_replays(crystal_model,
     bias[tokenizer.convert_tokens_to_ids(".")] = 14.0  # after one digit
     hook = model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias)
     request.addfinalizer(hook.remove)
-    rules = TokenRules([VolumeFloorRule(0.9), SeparationRule(0.5)])
+    rules = TokenRules([CellVolumeRule(0.9), SeparationRule(0.5)])
     formulas = ["NaCl", "SiO2", "BaTiO3", "Li2O"]
     specs = [structure_grammar("formula", f, layout="lines", max_atoms=12) for f in formulas]
     sampling = SamplingConfig(max_new_tokens=120, seed=3)
@@ -128,6 +166,34 @@ def test_sampling_under_both_rules_writes_roomy_cells_and_replays(crystal_model,
     assert below["with"] == 0 and below["without"] >= 4, below
 
     constraint = GrammarConstraint(tokenizer, output_vocab_size(model), rule=rules)
+    row_specs = [spec for spec in specs for _ in range(4)]
+    replayed = constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
+    inside = rollout.response_mask.bool()
+    assert torch.equal(replayed.allowed()[inside], rollout.masks.allowed()[inside])
+
+
+def test_sampling_under_the_ceiling_writes_no_huge_cell_and_replays(crystal_model, request):  # noqa: F811
+    """The same model pushed to write lengths of 9x.x A: without the ceiling most cells are roomier than
+    150 A^3 per atom, with it none (not even its box), and the replayed masks are those applied."""
+    model, tokenizer = crystal_model
+    nines = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() in ("9", "99", "9.", "99.")]
+    bias = torch.zeros(output_vocab_size(model))
+    bias[nines] = 12.0
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias)
+    request.addfinalizer(hook.remove)
+    rule = CellVolumeRule(0.0, 150.0)
+    formulas = ["NaCl", "SiO2", "BaTiO3", "Li2O"]
+    specs = [structure_grammar("formula", f, layout="lines", max_atoms=12) for f in formulas]
+    sampling = SamplingConfig(max_new_tokens=120, seed=3)
+    roomiest = {}
+    for name, token_rule in (("without", None), ("with", rule)):
+        generator = HFGenerator(model, tokenizer, batch_size=16, token_rule=token_rule)
+        rollout = generator.generate(prompts_for(tokenizer, formulas), 4, sampling, specs)
+        structures = [parse_structure(text) for text in decode_responses(tokenizer, rollout)]
+        roomiest[name] = sorted(math.prod(s.lattice.abc) / len(s) for s in structures)
+    assert roomiest["with"][-1] <= 150 and roomiest["without"][8] > 150, roomiest
+
+    constraint = GrammarConstraint(tokenizer, output_vocab_size(model), rule=rule)
     row_specs = [spec for spec in specs for _ in range(4)]
     replayed = constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
     inside = rollout.response_mask.bool()
