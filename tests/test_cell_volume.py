@@ -25,11 +25,10 @@ from crystals.cell_volume import (
 )
 from crystals.grammar import atom_counts, structure_grammar
 from crystals.separation import SeparationRule
-from crystals.text import parse_structure
-from grpo.constraint import GrammarConstraint, TokenRules
-from grpo.generation import HFGenerator, SamplingConfig, decode_responses, output_vocab_size
+from grpo.constraint import TokenRules
+from grpo.generation import output_vocab_size
 from tests.test_constraint import crystal_model  # noqa: F401  (the fixture)
-from tests.test_separation import prompts_for
+from tests.test_separation import assert_replays_as_sampled, sample_four_formulas
 
 lengths = st.integers(10, 999).map(lambda tenths: f"{tenths / 10:.1f}")
 acute, obtuse = st.integers(60, 90), st.integers(90, 119)
@@ -148,14 +147,9 @@ def test_sampling_under_both_rules_writes_roomy_cells_and_replays(crystal_model,
     hook = model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias)
     request.addfinalizer(hook.remove)
     rules = TokenRules([CellVolumeRule(0.9), SeparationRule(0.5)])
-    formulas = ["NaCl", "SiO2", "BaTiO3", "Li2O"]
-    specs = [structure_grammar("formula", f, layout="lines", max_atoms=12) for f in formulas]
-    sampling = SamplingConfig(max_new_tokens=120, seed=3)
     below = {}
     for name, token_rule in (("without", None), ("with", rules)):
-        generator = HFGenerator(model, tokenizer, batch_size=16, token_rule=token_rule)
-        rollout = generator.generate(prompts_for(tokenizer, formulas), 4, sampling, specs)
-        structures = [parse_structure(text) for text in decode_responses(tokenizer, rollout)]
+        rollout, structures = sample_four_formulas(model, tokenizer, token_rule)
         ratios = [
             s.volume / sum(sphere_volume(site.specie.symbol) for site in s)
             for s in structures
@@ -164,12 +158,7 @@ def test_sampling_under_both_rules_writes_roomy_cells_and_replays(crystal_model,
         assert len(ratios) == len(structures)
         below[name] = int(np.sum(np.array(ratios) < 0.9))
     assert below["with"] == 0 and below["without"] >= 4, below
-
-    constraint = GrammarConstraint(tokenizer, output_vocab_size(model), rule=rules)
-    row_specs = [spec for spec in specs for _ in range(4)]
-    replayed = constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
-    inside = rollout.response_mask.bool()
-    assert torch.equal(replayed.allowed()[inside], rollout.masks.allowed()[inside])
+    assert_replays_as_sampled(model, tokenizer, rules, rollout)
 
 
 def test_sampling_under_the_ceiling_writes_no_huge_cell_and_replays(crystal_model, request):  # noqa: F811
@@ -182,22 +171,12 @@ def test_sampling_under_the_ceiling_writes_no_huge_cell_and_replays(crystal_mode
     hook = model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias)
     request.addfinalizer(hook.remove)
     rule = CellVolumeRule(0.0, 150.0)
-    formulas = ["NaCl", "SiO2", "BaTiO3", "Li2O"]
-    specs = [structure_grammar("formula", f, layout="lines", max_atoms=12) for f in formulas]
-    sampling = SamplingConfig(max_new_tokens=120, seed=3)
     roomiest = {}
     for name, token_rule in (("without", None), ("with", rule)):
-        generator = HFGenerator(model, tokenizer, batch_size=16, token_rule=token_rule)
-        rollout = generator.generate(prompts_for(tokenizer, formulas), 4, sampling, specs)
-        structures = [parse_structure(text) for text in decode_responses(tokenizer, rollout)]
+        rollout, structures = sample_four_formulas(model, tokenizer, token_rule)
         roomiest[name] = sorted(math.prod(s.lattice.abc) / len(s) for s in structures)
     assert roomiest["with"][-1] <= 150 and roomiest["without"][8] > 150, roomiest
-
-    constraint = GrammarConstraint(tokenizer, output_vocab_size(model), rule=rule)
-    row_specs = [spec for spec in specs for _ in range(4)]
-    replayed = constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
-    inside = rollout.response_mask.bool()
-    assert torch.equal(replayed.allowed()[inside], rollout.masks.allowed()[inside])
+    assert_replays_as_sampled(model, tokenizer, rule, rollout)
 
 
 def test_chained_rules_narrow_in_order_and_each_sees_only_what_is_left():

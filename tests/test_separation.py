@@ -163,13 +163,31 @@ def test_nothing_is_restricted_before_a_second_atom_or_when_nothing_is_free():
         SeparationRule(0.0)
 
 
-def prompts_for(tokenizer, formulas):
-    return [
+FORMULAS = ["NaCl", "SiO2", "BaTiO3", "Li2O"]
+SPECS = [structure_grammar("formula", f, layout="lines", max_atoms=12) for f in FORMULAS]
+
+
+def sample_four_formulas(model, tokenizer, token_rule):
+    """4 samples for each of FORMULAS under their formula grammars (and `token_rule`, None for none): the
+    rollout and the parsed structures."""
+    prompts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": f}], add_generation_prompt=True, tokenize=False
         )
-        for f in formulas
+        for f in FORMULAS
     ]
+    generator = HFGenerator(model, tokenizer, batch_size=16, token_rule=token_rule)
+    rollout = generator.generate(prompts, 4, SamplingConfig(max_new_tokens=120, seed=3), SPECS)
+    return rollout, [parse_structure(text) for text in decode_responses(tokenizer, rollout)]
+
+
+def assert_replays_as_sampled(model, tokenizer, token_rule, rollout):
+    """The masks replayed from a rollout's tokens are those applied while sampling it."""
+    constraint = GrammarConstraint(tokenizer, output_vocab_size(model), rule=token_rule)
+    row_specs = [spec for spec in SPECS for _ in range(4)]
+    replayed = constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
+    inside = rollout.response_mask.bool()
+    assert torch.equal(replayed.allowed()[inside], rollout.masks.allowed()[inside])
 
 
 def test_sampling_under_the_rule_passes_the_validity_rule_and_replays(crystal_model):  # noqa: F811
@@ -178,22 +196,12 @@ def test_sampling_under_the_rule_passes_the_validity_rule_and_replays(crystal_mo
     tokens are those applied while sampling; a response that breaks the rule does not replay."""
     model, tokenizer = crystal_model
     rule = SeparationRule(0.5)
-    formulas = ["NaCl", "SiO2", "BaTiO3", "Li2O"]
-    specs = [structure_grammar("formula", f, layout="lines", max_atoms=12) for f in formulas]
-    sampling = SamplingConfig(max_new_tokens=120, seed=3)
     valid = {}
     for name, token_rule in (("without", None), ("with", rule)):
-        generator = HFGenerator(model, tokenizer, batch_size=16, token_rule=token_rule)
-        rollout = generator.generate(prompts_for(tokenizer, formulas), 4, sampling, specs)
-        structures = [parse_structure(text) for text in decode_responses(tokenizer, rollout)]
+        rollout, structures = sample_four_formulas(model, tokenizer, token_rule)
         valid[name] = sum(bool(check_structure_covalent(s)) for s in structures)
     assert valid["with"] >= max(valid["without"] + 1, 14), valid
-
-    constraint = GrammarConstraint(tokenizer, output_vocab_size(model), rule=rule)
-    row_specs = [spec for spec in specs for _ in range(4)]
-    replayed = constraint.replay(row_specs, rollout.response_ids, rollout.response_mask)
-    inside = rollout.response_mask.bool()
-    assert torch.equal(replayed.allowed()[inside], rollout.masks.allowed()[inside])
+    assert_replays_as_sampled(model, tokenizer, rule, rollout)
 
     overlapping = (
         f"{LATTICE}\nNa 0.00 0.00 0.00\nCl 0.00 0.00 0.00"  # the grammar allows it, the rule does not
@@ -204,7 +212,9 @@ def test_sampling_under_the_rule_passes_the_validity_rule_and_replays(crystal_mo
         [grammar], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
     )
     with pytest.raises(ConstraintError, match="row 0"):
-        constraint.replay([grammar], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        GrammarConstraint(tokenizer, output_vocab_size(model), rule=rule).replay(
+            [grammar], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
+        )
 
 
 def test_the_rules_are_refused_with_a_vllm_generator_and_named_in_the_sample_records():
