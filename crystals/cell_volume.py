@@ -79,21 +79,12 @@ def _angle_choices(field: str, growing: bool) -> np.ndarray:
     return ANGLES[[str(a).startswith(field) for a in ANGLES]].astype(float)
 
 
-def _lattice_fields(text: str) -> tuple[list[str], bool]:
-    """The lattice fields written so far and whether the last one may still grow."""
-    fields, growing = _fields(text)
-    return fields[:6], growing and len(fields) <= 6
-
-
-def _angles(lattice: list[str], last_grows: bool) -> list[np.ndarray]:
-    """The choices of each angle written or begun (an empty array: not an angle the grammar writes)."""
-    return [_angle_choices(lattice[i], last_grows and i == len(lattice) - 1) for i in range(3, len(lattice))]
-
-
 def largest_volume(text: str) -> float:
     """An upper bound on the cell volume (A^3) of any lattice the text can still end with; inf for text the
     grammar does not write (left to it)."""
-    lattice, last_grows = _lattice_fields(text)
+    fields, growing = _fields(text)
+    lattice = fields[:6]
+    last_grows = growing and len(fields) <= 6
     try:
         lengths = [
             LARGEST_LENGTH
@@ -103,16 +94,14 @@ def largest_volume(text: str) -> float:
             else float(lattice[i])
             for i in range(3)
         ]
-        angles = _angles(lattice, last_grows)
+        angles = [
+            _angle_choices(lattice[i], last_grows and i == len(lattice) - 1) for i in range(3, len(lattice))
+        ]
     except ValueError:
         return math.inf
     if any(len(a) == 0 for a in angles):
         return math.inf
-    if len(angles) == 3:
-        return math.prod(lengths) * float(_shape_factors(angles).max())
-    # an angle free: V / abc is at most sin a sin b over the other two (its maximum over the free one), and 1
-    sines = [float(np.sin(np.radians(x)).max()) for x in angles] + [1.0] * (2 - len(angles))
-    return math.prod(lengths) * sines[0] * sines[1]
+    return math.prod(lengths) * _largest_shape_factor(angles)
 
 
 def smallest_box(text: str) -> float:
@@ -125,11 +114,16 @@ def smallest_box(text: str) -> float:
         return 0.0
 
 
-def _shape_factors(angles: list[np.ndarray]) -> np.ndarray:
-    """sqrt(1 - cos^2 a - cos^2 b - cos^2 g + 2 cos a cos b cos g) (V / abc) over every choice of the three
-    angles."""
-    a, b, g = np.meshgrid(*(np.cos(np.radians(x)) for x in angles), indexing="ij")
-    return np.sqrt(np.clip(1 - a**2 - b**2 - g**2 + 2 * a * b * g, 0, None))
+def _largest_shape_factor(angles: list[np.ndarray]) -> float:
+    """max of sqrt(1 - cos^2 a - cos^2 b - cos^2 g + 2 cos a cos b cos g) (V / abc) over the angles' choices,
+    unwritten angles free. With an angle free it is bounded by sin a sin b over the other two (its maximum
+    over the free angle), and by 1."""
+    if len(angles) == 3:
+        a, b, g = np.meshgrid(*(np.cos(np.radians(x)) for x in angles), indexing="ij")
+        squared = 1 - a**2 - b**2 - g**2 + 2 * a * b * g
+        return float(np.sqrt(np.clip(squared, 0, None)).max())
+    sines = [float(np.sin(np.radians(x)).max()) for x in angles] + [1.0] * (2 - len(angles))
+    return sines[0] * sines[1]
 
 
 def _atoms_begun(text: str, counts: AtomCounts) -> list[Counter]:
