@@ -74,9 +74,14 @@ def _largest_length(prefix: str) -> float:
 
 def _angle_choices(field: str, growing: bool) -> np.ndarray:
     """The angles (degrees) a written angle field can end as."""
-    if not growing:
-        return np.array([float(field)])
-    return ANGLES[[str(a).startswith(field) for a in ANGLES]].astype(float)
+    return _angles_beginning(field) if growing else np.array([float(field)])
+
+
+@functools.lru_cache(maxsize=256)
+def _angles_beginning(field: str) -> np.ndarray:
+    choices = ANGLES[[str(a).startswith(field) for a in ANGLES]].astype(float)
+    choices.flags.writeable = False  # shared by every caller of the cache
+    return choices
 
 
 def largest_volume(text: str) -> float:
@@ -126,34 +131,58 @@ def _largest_shape_factor(angles: list[np.ndarray]) -> float:
     return sines[0] * sines[1]
 
 
-def _atoms_begun(text: str, counts: AtomCounts) -> list[Counter]:
-    """The atoms the text has begun, one Counter per element an unfinished symbol can still become."""
-    fields, growing = _fields(text)
-    symbols = fields[6::4]
-    if not (growing and len(fields) > 6 and (len(fields) - 7) % 4 == 0):
+def _symbols_begun(fields: list[str], growing: bool) -> tuple[tuple[str, ...], bool]:
+    """The element symbols of a text's fields, and whether the last of them may still grow."""
+    return tuple(fields[6::4]), growing and len(fields) > 6 and (len(fields) - 7) % 4 == 0
+
+
+def _atoms_begun(symbols: tuple[str, ...], last_grows: bool, counts: AtomCounts) -> list[Counter]:
+    """The atoms begun, one Counter per element an unfinished last symbol can still become."""
+    if not last_grows:
         return [Counter(symbols)]
     known = counts.unit or ELEMENT_SYMBOLS
-    return [Counter(symbols[:-1] + [s]) for s in known if s.startswith(symbols[-1])]
+    return [Counter(symbols[:-1] + (s,)) for s in known if s.startswith(symbols[-1])]
 
 
 def needed_volume(text: str, counts: AtomCounts, floor: float) -> float:
     """floor x the covalent-sphere volume of the fewest atoms the text can end with (an unfinished element
     symbol: the element it can become that needs least)."""
+    return floor * _fewest_spheres(*_symbols_begun(*_fields(text)), counts)
+
+
+def _fewest_spheres(symbols: tuple[str, ...], last_grows: bool, counts: AtomCounts) -> float:
     needs = []
-    for begun in _atoms_begun(text, counts):
+    for begun in _atoms_begun(symbols, last_grows, counts):
         try:
             needs.append(sum(n * sphere_volume(el) for el, n in counts.fewest(begun).items()))
         except KeyError:  # not an element: left to the grammar
             needs.append(0.0)
-    return floor * min(needs, default=0.0)
+    return min(needs, default=0.0)
 
 
 def allowed_volume(text: str, counts: AtomCounts, ceiling: float) -> float:
     """ceiling x the most atoms the text can end with (an unfinished element symbol: the element it can
     become that allows most)."""
-    return ceiling * max(
-        (counts.most(begun) for begun in _atoms_begun(text, counts)), default=counts.max_atoms
-    )
+    return ceiling * _most_atoms(*_symbols_begun(*_fields(text)), counts)
+
+
+def _most_atoms(symbols: tuple[str, ...], last_grows: bool, counts: AtomCounts) -> int:
+    begun = _atoms_begun(symbols, last_grows, counts)
+    return max((counts.most(atoms) for atoms in begun), default=counts.max_atoms)
+
+
+# The rule asks for the bounds of every candidate token's text; they are cached on what they read: the
+# lattice fields (which the rows of a batch share prefixes of) and the element symbols (which every token of
+# an atom shares), never the coordinates.
+@functools.lru_cache(maxsize=2**16)
+def _lattice_bounds(lattice: str) -> tuple[float, float]:
+    return largest_volume(lattice), smallest_box(lattice)
+
+
+@functools.lru_cache(maxsize=2**16)
+def _atom_bounds(spec: str, symbols: tuple[str, ...], last_grows: bool) -> tuple[float, int]:
+    counts = _counts_of(spec)
+    return _fewest_spheres(symbols, last_grows, counts), _most_atoms(symbols, last_grows, counts)
 
 
 class CellVolumeRule:
@@ -167,13 +196,18 @@ class CellVolumeRule:
             )
         self.floor, self.ceiling = floor, ceiling
 
-    def _rooms(self, text: str, counts: AtomCounts) -> list[float]:
+    def _rooms(self, text: str, spec: str) -> list[float]:
         """How far the text's completions can be inside each bound (< 0: past it whatever follows)."""
+        fields, growing = _fields(text)
+        # the lattice as the bounds read it: past it, six complete fields
+        lattice = " ".join(fields[:6]) + ("" if growing and len(fields) <= 6 else " ")
+        largest, smallest = _lattice_bounds(lattice)
+        fewest, most = _atom_bounds(spec, *_symbols_begun(fields, growing))
         rooms = []
         if self.floor:
-            rooms.append(largest_volume(text) - needed_volume(text, counts, self.floor))
+            rooms.append(largest - self.floor * fewest)
         if self.ceiling:
-            rooms.append(allowed_volume(text, counts, self.ceiling) - smallest_box(text))
+            rooms.append(self.ceiling * most - smallest)
         return rooms
 
     def watches(self, text: str, spec: str | None = None) -> bool:
@@ -190,23 +224,26 @@ class CellVolumeRule:
     ) -> list[int]:
         """The candidates after which no completion of the text meets a bound the text before them could
         still meet (a lattice token, or one that begins an atom); none if that would be all."""
-        counts = _counts_of(spec)
-        if counts is None:
+        if _counts_of(spec) is None:
             return []
-        held = [room >= 0 for room in self._rooms(text, counts)]
+        held = [room >= 0 for room in self._rooms(text, spec)]
         if not any(held):
             return []
         fields, growing = _fields(text)
         lattice_written = len(fields) - growing >= 6
 
         def breaks_a_held_bound(token: int) -> bool:
-            after = self._rooms(text + token_texts[token], counts)
+            after = self._rooms(text + token_texts[token], spec)
             return any(h and room < 0 for h, room in zip(held, after, strict=True))
 
         forbidden = [
             token
             for token in candidates
-            if (not lattice_written or any(ch.isalpha() for ch in token_texts[token]))
-            and breaks_a_held_bound(token)
+            if (not lattice_written or _has_letter(token_texts[token])) and breaks_a_held_bound(token)
         ]
         return [] if len(forbidden) == len(candidates) else forbidden
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_letter(token_text: str) -> bool:
+    return any(ch.isalpha() for ch in token_text)

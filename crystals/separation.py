@@ -26,7 +26,6 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 from ase.data import atomic_numbers, covalent_radii
@@ -57,14 +56,12 @@ def free_grid(
         spans = [_image_spans(site[i], threshold / widths[i]) for i in range(3)]
         for ix, a in spans[0]:
             for iy, b in spans[1]:
+                # d G d = ab + c (slope + G_zz c), ab and slope over the (x, y) box: two passes over the box
                 ab = (metric[0, 0] * a**2)[:, None] + 2 * metric[0, 1] * a[:, None] * b + metric[1, 1] * b**2
+                slope = 2 * (metric[0, 2] * a[:, None] + metric[1, 2] * b)
                 for iz, c in spans[2]:
-                    squared = (
-                        ab[:, :, None]
-                        + 2 * metric[0, 2] * a[:, None, None] * c
-                        + 2 * metric[1, 2] * b[None, :, None] * c
-                        + metric[2, 2] * c**2
-                    )
+                    squared = slope[:, :, None] * c
+                    squared += ab[:, :, None] + metric[2, 2] * c**2
                     free[ix[0] : ix[-1] + 1, iy[0] : iy[-1] + 1, iz[0] : iz[-1] + 1] &= squared > threshold**2
     return free
 
@@ -82,9 +79,38 @@ def _image_spans(position: float, reach: float) -> list[tuple[np.ndarray, np.nda
     return spans
 
 
-class _FreeGrid(NamedTuple):
-    points: np.ndarray  # bool [GRID, GRID, GRID], read-only
-    planes: np.ndarray  # bool [GRID]: whether the plane at each x has a free point
+class _FreeGrid:
+    """The free points of one atom's grid. Every candidate token asks for a box of it, and the boxes of one
+    step differ only along the coordinate being written: along that line, running counts of free points (one
+    per line the atom's tokens reach, built as first asked) answer each box in O(1)."""
+
+    def __init__(self, points: np.ndarray):
+        points.flags.writeable = False  # shared by every caller of the cache
+        self.points = points  # bool [GRID, GRID, GRID]
+        self.planes = points.any(axis=(1, 2))  # bool [GRID]: whether the plane at each x has a free point
+        self._running: dict[tuple[int, ...], list[int]] = {}
+
+    def has_free(self, coordinates: tuple[str, ...]) -> bool | None:
+        """Whether some grid point an atom whose coordinates begin with `coordinates` may end at is free;
+        None when they are not coordinates the grammar writes."""
+        box = _box(coordinates)
+        if box is None:
+            return None
+        (x0, x1), (y0, y1), (z0, z1) = box
+        whole_z = z1 - z0 == GRID
+        if whole_z and y1 - y0 == GRID:  # along x
+            fixed, low, high = (), x0, x1
+        elif whole_z and x1 - x0 == 1:  # along y at one x
+            fixed, low, high = (x0,), y0, y1
+        elif x1 - x0 == 1 and y1 - y0 == 1:  # along z at one (x, y)
+            fixed, low, high = (x0, y0), z0, z1
+        else:  # a token that writes two unfinished coordinates at once
+            return bool(self.points[x0:x1, y0:y1, z0:z1].any())
+        running = self._running.get(fixed)
+        if running is None:
+            line = self.planes if not fixed else self.points[fixed].reshape(GRID, -1).any(axis=1)
+            running = self._running[fixed] = [0, *np.cumsum(line).tolist()]
+        return running[high] > running[low]
 
 
 _GRIDS: OrderedDict[tuple, _FreeGrid | None] = OrderedDict()
@@ -115,23 +141,11 @@ def _free_grid_of(
     except (ValueError, KeyError, IndexError):  # leave malformed text to the grammar
         result = None
     else:
-        points.flags.writeable = False  # shared by every caller of the cache
-        result = _FreeGrid(points, points.any(axis=(1, 2)))
+        result = _FreeGrid(points)
     _GRIDS[key] = result
     if len(_GRIDS) > _GRIDS_KEPT:
         _GRIDS.popitem(last=False)
     return result
-
-
-def _box_is_free(free: _FreeGrid | None, box: tuple[slice, slice, slice] | None) -> bool | None:
-    """Whether some grid point of `box` (x, y, z index ranges) is free; None for malformed text (no grid or no
-    box)."""
-    if free is None or box is None:
-        return None
-    xs, ys, zs = box
-    if ys.stop - ys.start == GRID and zs.stop - zs.start == GRID:  # only x chosen so far: the planes say it
-        return bool(free.planes[xs].any())
-    return bool(free.points[box].any())
 
 
 class SeparationRule:
@@ -176,21 +190,27 @@ class SeparationRule:
         lattice, earlier, current = state
         tail = " ".join(current) + (" " if current and text[-1].isspace() else "")
         grids: dict[tuple, _FreeGrid | None] = {}  # candidates mostly share their atom: look its grid up once
-        verdicts: dict[tuple, bool | None] = {}  # and the box before them
 
         def free(prior: tuple[str, ...], element: str, coordinates: tuple[str, ...]) -> bool | None:
-            since = prior[len(earlier) :]  # atoms the candidate itself completed (usually none)
-            key = (since, element, coordinates)
-            if key not in verdicts:
-                if (since, element) not in grids:
-                    grids[since, element] = _free_grid_of(lattice, prior, element, self.scale)
-                verdicts[key] = _box_is_free(grids[since, element], _box(coordinates))
-            return verdicts[key]
+            key = (prior[len(earlier) :], element)  # and atoms the candidate itself completed (usually none)
+            if key not in grids:
+                grids[key] = _free_grid_of(lattice, prior, element, self.scale)
+            grid = grids[key]
+            return None if grid is None else grid.has_free(coordinates)
 
         before = tuple(current[1:])  # the current atom's coordinates before the token
+        # Most candidates only write more of the current atom, whose element is written: its grid and whether
+        # the text before them left it a free point are the same for all of them.
+        inside = bool(earlier) and bool(current) and (len(current) > 1 or text[-1].isspace())
+        left_free = inside and free(earlier, current[0], before)
+        grid = grids.get(((), current[0])) if inside else None
         forbidden = []
         for token in candidates:
             prior, fields = earlier, (tail + token_texts[token]).split()
+            if inside and len(fields) <= 4:
+                if left_free and len(fields) > 1 and grid.has_free(tuple(fields[1:])) is False:
+                    forbidden.append(token)
+                continue
             for start in range(0, len(fields), 4):
                 element, coordinates = fields[start], tuple(fields[start + 1 : start + 4])
                 # what the text before the token left this atom: its coordinates there, or the whole cell
@@ -202,21 +222,24 @@ class SeparationRule:
         return forbidden
 
 
-def _box(coordinates: tuple[str, ...]) -> tuple[slice, slice, slice] | None:
-    """The grid index ranges (x, y, z) an atom whose coordinates begin with `coordinates` may end at (fields
-    past z belong to the next atom); None when one is not a coordinate the grammar writes."""
+@functools.lru_cache(maxsize=2**16)  # every candidate of every row asks
+def _box(coordinates: tuple[str, ...]) -> tuple[tuple[int, int], ...] | None:
+    """The grid index ranges [start, stop) along x, y and z an atom whose coordinates begin with
+    `coordinates` may end at (fields past z belong to the next atom); None when one is not a coordinate the
+    grammar writes."""
     ranges = tuple(_grid_range(c) for c in coordinates[:3])
     if None in ranges:
         return None
-    return (*ranges, *[slice(0, GRID)] * (3 - len(ranges)))
+    return (*ranges, *[(0, GRID)] * (3 - len(ranges)))
 
 
 @functools.lru_cache(maxsize=1024)  # the grammar writes ~111 prefixes
-def _grid_range(prefix: str) -> slice | None:
-    """The grid indices a coordinate beginning with `prefix` may end at ("0." -> 0-99, "0.3" -> 30-39)."""
+def _grid_range(prefix: str) -> tuple[int, int] | None:
+    """The grid indices [start, stop) a coordinate beginning with `prefix` may end at ("0." -> 0-99, "0.3" ->
+    30-39)."""
     if _PREFIX.fullmatch(prefix) is None:
         return None
     digits = prefix[2:]
     low = int(digits.ljust(2, "0")) if digits else 0
     high = int(digits.ljust(2, "9")) if digits else GRID - 1
-    return slice(low, high + 1)
+    return low, high + 1

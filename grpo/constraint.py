@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor
 
@@ -185,12 +186,18 @@ class GrammarConstraint:
         and its response `text` so far; an empty set is a ConstraintError."""
         matcher.fill_next_token_bitmask(out, row)
         if self.rule is not None and self.rule.watches(text, spec):
-            allowed = unpack_bitmask(out[row], self.vocab_size)
-            candidates = allowed.nonzero().flatten().tolist()
-            forbidden = list(self.rule.forbidden(text, candidates, self.token_texts, spec))
-            if forbidden:
-                allowed[forbidden] = False
-                out[row] = pack_bitmask(allowed)
+            words = out[row].numpy().view(np.uint32)  # the row itself: cleared bits clear it in `out`
+            bits = np.unpackbits(words.astype("<u4", copy=False).view(np.uint8), bitorder="little")[
+                : self.vocab_size
+            ]
+            candidates = np.flatnonzero(bits).tolist()
+            forbidden = np.asarray(
+                self.rule.forbidden(text, candidates, self.token_texts, spec), dtype=np.int64
+            )
+            if forbidden.size:
+                np.bitwise_and.at(
+                    words, forbidden // BITS, ~(np.uint32(1) << (forbidden % BITS).astype(np.uint32))
+                )
         if not bool(out[row].any()):
             raise ConstraintError("the grammar allows no next token (a grammar that cannot be completed)")
 

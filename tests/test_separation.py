@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from ase.data import atomic_numbers, covalent_radii
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pymatgen.core import Lattice
 
 from crystals.grammar import structure_grammar
@@ -70,6 +72,28 @@ def test_a_grid_narrowed_atom_by_atom_equals_the_grid_built_at_once():
     assert len(separation._GRIDS) == 1
     assert np.array_equal(narrowed.points, at_once.points) and 0 < at_once.points.mean() < 1
     assert np.array_equal(at_once.planes, at_once.points.any(axis=(1, 2)))
+
+
+COORDINATE_PREFIXES = ["0", "0."] + [f"0.{d}" for d in range(10)] + [f"0.{n:02d}" for n in range(100)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.lists(st.sampled_from(COORDINATE_PREFIXES), min_size=1, max_size=3),
+)
+def test_a_grids_box_answers_equal_the_points_of_the_box(seed, coordinates):
+    """_FreeGrid.has_free answers along a line from running counts: the same as any() over the box's points
+    (a sparse grid, so boxes both with and without a free point occur)."""
+    from crystals.separation import _box, _FreeGrid
+
+    points = np.random.default_rng(seed).random((GRID, GRID, GRID)) < 2e-4
+    grid = _FreeGrid(points)
+    box = _box(tuple(coordinates))
+    expected = bool(points[tuple(slice(*r) for r in box)].any())
+    assert grid.has_free(tuple(coordinates)) is expected
+    assert grid.has_free(tuple(coordinates)) is expected  # asked again: from the counts built the first time
+    assert grid.has_free(("0.", "x")) is None  # not a coordinate the grammar writes
 
 
 def test_forbidden_tokens_are_those_whose_completions_all_overlap():
