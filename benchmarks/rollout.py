@@ -9,11 +9,15 @@ calls (the median is reported). Only sampled response tokens count as generated 
 Constraints: the same call at ``constraint_batch`` samples under each mode of ``constraints`` (the grammar of
 ``structure_grammar(mode, prompt formula)`` per prompt), modes alternating within each repeat (forwards, then
 backwards) so they share the machine's load. A grammar ends responses where it may, so the modes generate
-different numbers of tokens; the overhead is therefore per unit of decoding work: HF decodes every row until
-the longest is done (rows x decoding steps, finished rows padded), vLLM only the real tokens. Overhead =
-rate(none) / rate(mode) - 1 (target <= 0.15 at batch 32). HF has one more mode, ``formula+separation``: the
-formula grammar with crystals.separation's rule at ``separation`` (the rule reads each row's text and builds
-a free grid per atom written, so its cost grows with the atoms written).
+different numbers of tokens (on this untrained model a constrained response is much shorter); the overhead is
+therefore per decoding step: a call decodes its batch for as many steps as its longest response (HF pads the
+rows that are done, vLLM batches the rows left, at nearly the same cost per step for a model this small), so
+its decoding work is rows x steps. Overhead = work/s(none) / work/s(mode) - 1 (target <= 0.15 at batch 32).
+A vLLM call's time includes replaying its masks (the trainer scores with them). HF has two more modes, the
+formula grammar with crystals' token rules (which read each row's text): ``formula+separation`` at
+``separation``, and ``formula+volume+separation`` adding the cell-volume rule at ``volume_floor`` and
+``volume_ceiling`` (the demo's default sampling); the separation rule builds a free grid per atom written, so
+its cost grows with the atoms written.
 
     python -m benchmarks.rollout [--quick] [--out FILE.json]
 """
@@ -34,8 +38,10 @@ from benchmarks.common import (
     summarize,
     vllm_unavailable,
 )
+from crystals.cell_volume import CellVolumeRule
 from crystals.grammar import structure_grammar
 from crystals.separation import SeparationRule
+from grpo.constraint import TokenRule, TokenRules
 from grpo.generation import HFGenerator, SamplingConfig
 from grpo.models import save_model
 
@@ -50,7 +56,9 @@ class RolloutBenchConfig:
     seed: int = 0
     constraints: tuple[str, ...] = ("none", "format", "elements", "formula")
     constraint_batch: int = 32
-    separation: float = 0.5  # the HF-only "formula+separation" mode's scale (0: no such row)
+    separation: float = 0.5  # the HF-only rule modes' separation scale (0: no such rows)
+    volume_floor: float = 0.9  # and the cell-volume rule's bounds (both 0: no "formula+volume+separation")
+    volume_ceiling: float = 150.0
     target_overhead: float = 0.15
 
 
@@ -111,8 +119,7 @@ def time_constraints(generators: dict, kind: str, task: BenchTask, cfg: RolloutB
             rollout = generators[mode].generate(texts, group, sampling, specs[mode])
             seconds[mode].append(time.perf_counter() - start)
             tokens[mode].append(int(rollout.response_mask.sum()))
-            # HF decodes every row for the batch's longest response; vLLM only each response's own tokens
-            work[mode].append(rollout.response_ids.numel() if kind == "hf" else tokens[mode][-1])
+            work[mode].append(rollout.response_ids.numel())  # rows x the longest response's steps
     rows = []
     for mode in modes:
         rows.append(
@@ -133,6 +140,17 @@ def time_constraints(generators: dict, kind: str, task: BenchTask, cfg: RolloutB
     return rows
 
 
+def rule_modes(cfg: RolloutBenchConfig) -> dict[str, TokenRule]:
+    """The HF-only modes "formula+RULES" and their token rules (a vLLM engine runs the grammar alone)."""
+    if not cfg.separation:
+        return {}
+    modes: dict[str, TokenRule] = {"formula+separation": SeparationRule(cfg.separation)}
+    if cfg.volume_floor or cfg.volume_ceiling:
+        volume = CellVolumeRule(cfg.volume_floor, cfg.volume_ceiling)
+        modes["formula+volume+separation"] = TokenRules([volume, SeparationRule(cfg.separation)])
+    return modes
+
+
 def run(cfg: RolloutBenchConfig | None = None) -> dict:
     cfg = cfg or RolloutBenchConfig()
     task = bench_task(cfg.size)
@@ -143,11 +161,8 @@ def run(cfg: RolloutBenchConfig | None = None) -> dict:
         rows.append({"generator": "hf", **time_generator(hf, task, batch, cfg)})
     hf = HFGenerator(model, task.tokenizer, batch_size=cfg.constraint_batch)
     hf_modes = dict.fromkeys(cfg.constraints, hf)
-    if cfg.separation:
-        rule = SeparationRule(cfg.separation)
-        hf_modes["formula+separation"] = HFGenerator(
-            model, task.tokenizer, batch_size=cfg.constraint_batch, token_rule=rule
-        )
+    for mode, rule in rule_modes(cfg).items():
+        hf_modes[mode] = HFGenerator(model, task.tokenizer, batch_size=cfg.constraint_batch, token_rule=rule)
     constrained += time_constraints(hf_modes, "hf", task, cfg)
     missing = {}
     reason = vllm_unavailable()
@@ -193,7 +208,7 @@ def print_result(result: dict) -> None:
     for r in result["constraint_rows"]:
         overhead = f"{100 * r['overhead']:+.0f} %" if "overhead" in r else "-"
         print(
-            f"{r['generator']:5s} {r['constraint']:9s} batch {r['batch']:3d} {r['tokens_per_s']:9.1f} tokens/s "
+            f"{r['generator']:5s} {r['constraint']:25s} batch {r['batch']:3d} {r['tokens_per_s']:9.1f} tokens/s "
             f"{r['work_per_s']:9.1f} decoded/s  overhead {overhead}"
         )
     if result["note"]:
@@ -237,7 +252,8 @@ def markdown(result: dict) -> str:
             "",
             f"Constrained decoding at batch {cfg['constraint_batch']} (grammar per prompt from "
             "crystals.grammar.structure_grammar; modes alternating; overhead = decoding work/s without a "
-            "constraint over with it, minus 1: HF decodes rows x steps, vLLM real tokens):",
+            "constraint over with it, minus 1, where a call's work is rows x the steps of its longest response; "
+            "vLLM's time includes replaying the masks):",
             "",
             "| generator | constraint | tokens/s | decoding work/s | tokens per response | overhead |",
             "| --- | --- | --- | --- | --- | --- |",

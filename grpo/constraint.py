@@ -181,10 +181,9 @@ class GrammarConstraint:
             self._compiled[spec] = self._compiler.compile_grammar(spec)
         return self._xgr.GrammarMatcher(self._compiled[spec])
 
-    def fill(self, matcher, out: torch.Tensor, row: int, text: str = "", spec: str | None = None) -> None:
-        """The tokens `matcher` allows next into out[row] (packed), narrowed by the rule given the row's `spec`
-        and its response `text` so far; an empty set is a ConstraintError."""
-        matcher.fill_next_token_bitmask(out, row)
+    def narrow(self, out: torch.Tensor, row: int, text: str = "", spec: str | None = None) -> None:
+        """out[row] (packed), the tokens a grammar's matcher allows next, narrowed by the rule given the row's
+        `spec` and its response `text` so far; an empty set is a ConstraintError."""
         if self.rule is not None and self.rule.watches(text, spec):
             words = out[row].numpy().view(np.uint32)  # the row itself: cleared bits clear it in `out`
             bits = np.unpackbits(words.astype("<u4", copy=False).view(np.uint8), bitorder="little")[
@@ -209,25 +208,39 @@ class GrammarConstraint:
         self, specs: Sequence[str | None], response_ids: torch.Tensor, response_mask: torch.Tensor
     ) -> TokenMasks:
         """The masks of finished responses (one spec per row): at each masked-in position the set allowed after
-        the tokens before it. ConstraintError when a response takes a token its grammar forbids."""
+        the tokens before it, position by position over the rows as sampling went. ConstraintError when a
+        response takes a token its grammar forbids."""
         table = _MaskTable(self.words)
-        index = torch.zeros(response_ids.shape, dtype=torch.long)
-        buffer = torch.zeros((1, self.words), dtype=torch.int32)
-        for row, spec in enumerate(specs):
-            if spec is None:
-                continue
-            matcher = self.matcher(spec)
-            length = int(response_mask[row].sum())
-            text = ""
-            for t, token in enumerate(response_ids[row, :length].tolist()):
-                self.fill(matcher, buffer, 0, text, spec)
-                index[row, t] = table.add(buffer[0])
-                if not _has_bit(buffer[0], token) or not matcher.accept_token(token):  # rule, then grammar
-                    raise ConstraintError(
-                        f"row {row}, position {t}: token {token} is not allowed by its grammar"
-                    )
-                text += self.text_of(token)
-        return TokenMasks(index, table.tensor(), self.vocab_size)
+        width = response_ids.shape[1]
+        index = [[0] * width for _ in specs]
+        rows = [row for row, spec in enumerate(specs) if spec is not None]
+        matchers = {row: self.matcher(specs[row]) for row in rows}
+        lengths, ids = response_mask.sum(1).tolist(), response_ids.tolist()
+        texts = dict.fromkeys(rows, "")
+        buffer = torch.zeros((len(specs), self.words), dtype=torch.int32)
+        batch = self._xgr.BatchGrammarMatcher()
+        for t in range(width):
+            live = [row for row in rows if t < lengths[row]]
+            if not live:
+                break
+            batch.batch_fill_next_token_bitmask([matchers[row] for row in live], buffer, live)
+            tokens = [ids[row][t] for row in live]
+            for row, token in zip(live, tokens, strict=True):
+                self.narrow(buffer, row, texts[row], specs[row])
+                index[row][t] = table.add(buffer[row])
+                if not _has_bit(buffer[row], token):  # the rule's set is the grammar's, narrowed
+                    raise _not_allowed(row, t, token)
+            accepted = batch.batch_accept_token([matchers[row] for row in live], tokens)
+            for row, token, ok in zip(live, tokens, accepted, strict=True):
+                if not ok:
+                    raise _not_allowed(row, t, token)
+                texts[row] += self.text_of(token)
+        index_tensor = torch.tensor(index, dtype=torch.long).reshape(response_ids.shape)
+        return TokenMasks(index_tensor, table.tensor(), self.vocab_size)
+
+
+def _not_allowed(row: int, position: int, token: int) -> ConstraintError:
+    return ConstraintError(f"row {row}, position {position}: token {token} is not allowed by its grammar")
 
 
 class ConstraintLogitsProcessor(LogitsProcessor):
@@ -243,25 +256,34 @@ class ConstraintLogitsProcessor(LogitsProcessor):
         self.table = _MaskTable(constraint.words)
         self.steps: list[list[int]] = []  # per step, each row's table index
         self._bitmask = torch.zeros((len(specs), constraint.words), dtype=torch.int32)
+        self._batch = constraint._xgr.BatchGrammarMatcher()  # the rows' matchers in one call (and threads)
+
+    def _live(self) -> list[int]:
+        """The rows whose grammar has not ended."""
+        return [row for row, m in enumerate(self.matchers) if m is not None and not m.is_terminated()]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.steps:  # the token sampled at the previous step
-            for row, matcher in enumerate(self.matchers):
-                if matcher is not None and not matcher.is_terminated():
-                    token = int(input_ids[row, -1])
-                    if not matcher.accept_token(token):
-                        raise ConstraintError(f"row {row}: sampled a token its grammar forbids")
-                    self.texts[row] += self.constraint.text_of(token)
-        step = []
-        for row, matcher in enumerate(self.matchers):
-            if matcher is None or matcher.is_terminated():
-                self._bitmask[row] = -1
-            else:
-                self.constraint.fill(matcher, self._bitmask, row, self.texts[row], self.specs[row])
-            step.append(self.table.add(self._bitmask[row]))
-        self.steps.append(step)
-        allowed = unpack_bitmask(self._bitmask, scores.shape[-1]).to(scores.device)
-        return scores.masked_fill(~allowed, float("-inf"))
+        batch = self.constraint._xgr.BatchGrammarMatcher
+        live = self._live()
+        if self.steps:  # the tokens sampled at the previous step
+            tokens = input_ids[live, -1].tolist()
+            accepted = batch.batch_accept_token([self.matchers[row] for row in live], tokens)
+            if not all(accepted):
+                row = live[accepted.index(False)]
+                raise ConstraintError(f"row {row}: sampled a token its grammar forbids")
+            for row, token in zip(live, tokens, strict=True):
+                self.texts[row] += self.constraint.text_of(token)
+            live = self._live()
+        self._bitmask.fill_(-1)  # rows without a grammar, or past its end, allow everything
+        if live:
+            self._batch.batch_fill_next_token_bitmask(
+                [self.matchers[row] for row in live], self._bitmask, live
+            )
+        for row in live:
+            self.constraint.narrow(self._bitmask, row, self.texts[row], self.specs[row])
+        self.steps.append([self.table.add(mask) for mask in self._bitmask])
+        self.constraint._xgr.apply_token_bitmask_inplace(scores, self._bitmask.to(scores.device))
+        return scores
 
     def masks(self, length: int) -> TokenMasks:
         """The applied masks for responses of `length` tokens (positions past the last step allow all)."""

@@ -42,7 +42,11 @@ def expected_rows(name: str, config: dict) -> set[str]:
     if name == "rollout":
         rows = {f"{g}/{b}" for g in ("hf", "vllm") for b in config["batch_sizes"]}
         rows |= {f"constraint/{g}/{m}" for g in ("hf", "vllm") for m in config["constraints"]}
-        return rows | ({"constraint/hf/formula+separation"} if config["separation"] else set())
+        if config["separation"]:  # the HF-only modes of the formula grammar with crystals' token rules
+            rows.add("constraint/hf/formula+separation")
+            if config["volume_floor"] or config["volume_ceiling"]:
+                rows.add("constraint/hf/formula+volume+separation")
+        return rows
     if name == "weight_sync":
         return {f"{size}/{mode}" for size in config["sizes"] for mode in config["modes"]}
     assert name == "reward"
