@@ -61,7 +61,8 @@ def free_grid(
                 slope = 2 * (metric[0, 2] * a[:, None] + metric[1, 2] * b)
                 for iz, c in spans[2]:
                     squared = slope[:, :, None] * c
-                    squared += ab[:, :, None] + metric[2, 2] * c**2
+                    squared += ab[:, :, None]
+                    squared += metric[2, 2] * c**2
                     free[ix[0] : ix[-1] + 1, iy[0] : iy[-1] + 1, iz[0] : iz[-1] + 1] &= squared > threshold**2
     return free
 
