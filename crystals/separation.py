@@ -192,19 +192,22 @@ class SeparationRule:
         tail = " ".join(current) + (" " if current and text[-1].isspace() else "")
         grids: dict[tuple, _FreeGrid | None] = {}  # candidates mostly share their atom: look its grid up once
 
-        def free(prior: tuple[str, ...], element: str, coordinates: tuple[str, ...]) -> bool | None:
+        def grid_of(prior: tuple[str, ...], element: str) -> _FreeGrid | None:
             key = (prior[len(earlier) :], element)  # and atoms the candidate itself completed (usually none)
             if key not in grids:
                 grids[key] = _free_grid_of(lattice, prior, element, self.scale)
-            grid = grids[key]
+            return grids[key]
+
+        def free(prior: tuple[str, ...], element: str, coordinates: tuple[str, ...]) -> bool | None:
+            grid = grid_of(prior, element)
             return None if grid is None else grid.has_free(coordinates)
 
         before = tuple(current[1:])  # the current atom's coordinates before the token
         # Most candidates only write more of the current atom, whose element is written: its grid and whether
         # the text before them left it a free point are the same for all of them.
         inside = bool(earlier) and bool(current) and (len(current) > 1 or text[-1].isspace())
-        left_free = inside and free(earlier, current[0], before)
-        grid = grids.get(((), current[0])) if inside else None
+        grid = grid_of(earlier, current[0]) if inside else None
+        left_free = grid is not None and grid.has_free(before)
         forbidden = []
         for token in candidates:
             prior, fields = earlier, (tail + token_texts[token]).split()

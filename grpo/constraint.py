@@ -263,11 +263,10 @@ class ConstraintLogitsProcessor(LogitsProcessor):
         return [row for row, m in enumerate(self.matchers) if m is not None and not m.is_terminated()]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        batch = self.constraint._xgr.BatchGrammarMatcher
         live = self._live()
         if self.steps:  # the tokens sampled at the previous step
             tokens = input_ids[live, -1].tolist()
-            accepted = batch.batch_accept_token([self.matchers[row] for row in live], tokens)
+            accepted = self._batch.batch_accept_token([self.matchers[row] for row in live], tokens)
             if not all(accepted):
                 row = live[accepted.index(False)]
                 raise ConstraintError(f"row {row}: sampled a token its grammar forbids")
