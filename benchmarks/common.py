@@ -138,9 +138,12 @@ def spread(values: Sequence[float]) -> dict:
 def gemm_rate(dtype: torch.dtype, sizes: Sequence[int] = (512, 1024, 2048), seconds: float = 0.5) -> float:
     """This machine's GEMM rate in FLOP/s for ``dtype``: the best over square matmuls of ``sizes`` (2 n^3
     FLOPs each), each repeated for about ``seconds`` after a warm-up; with torch's current thread count.
-    Measured in the same process and run as the figures it anchors, so under the same load."""
+    Measured in the same process and run as the figures it anchors, so under the same load. Sizes stop where
+    one matmul of the next would outlast ``seconds`` (a CPU without native bf16, where bf16 runs ~1 GFLOP/s,
+    would otherwise spend minutes on the 2048 matmuls)."""
     best = 0.0
-    for n in sizes:
+    ascending = sorted(sizes)
+    for index, n in enumerate(ascending):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         a @ b
         count, start = 0, time.perf_counter()
@@ -148,6 +151,9 @@ def gemm_rate(dtype: torch.dtype, sizes: Sequence[int] = (512, 1024, 2048), seco
             a @ b
             count += 1
         best = max(best, 2 * n**3 * count / elapsed)
+        following = ascending[index + 1] if index + 1 < len(ascending) else None
+        if following and elapsed / count * (following / n) ** 3 > seconds:
+            break
     return best
 
 

@@ -40,6 +40,7 @@ class RunConfig:
     dtype: Dtype = "float32"
     # What the forward and backward passes compute in: "bfloat16" with float32 masters is mixed precision
     # (autocast in one process, FSDP2 MixedPrecisionPolicy when sharded); the reference model is stored in it.
+    # "auto": bfloat16 where the device multiplies it natively (CUDA, AVX512-BF16 or AMX CPUs), else float32.
     compute_dtype: ComputeDtype = "float32"
     gradient_checkpointing: bool = False
     prompt_examples: Literal["paper", "train"] = "paper"

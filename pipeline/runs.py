@@ -51,7 +51,7 @@ from grpo.models import (
     save_model,
     train_bpe_tokenizer,
 )
-from grpo.precision import COMPUTE_DTYPES, PrecisionError, check_master_weights
+from grpo.precision import COMPUTE_DTYPES, PrecisionError, check_master_weights, resolve_compute_dtype
 from grpo.sft import SFTConfig, SFTTrainer
 from grpo.trainer import GRPOConfig, GRPOTrainer, PromptItem, RewardFailedError
 from pipeline.config import (
@@ -250,7 +250,7 @@ def load_model(
     checkpointing = trainable and run.gradient_checkpointing
     try:
         if sharded:
-            sharding = sharding_config(COMPUTE_DTYPES[run.compute_dtype])
+            sharding = sharding_config(compute_dtype(run))
             return load_sharded(
                 path,
                 dtype=dtype,
@@ -272,10 +272,19 @@ def load_policy(run: RunConfig, source: str, checkpoint: Path | None, sharded: b
     return load_model(run, checkpoint / "model" if checkpoint is not None else source, sharded=sharded)
 
 
+def compute_dtype_name(run: RunConfig) -> str:
+    """run.compute_dtype with "auto" resolved for the run's device (grpo.precision.resolve_compute_dtype)."""
+    return resolve_compute_dtype(run.compute_dtype, run_device(run))
+
+
+def compute_dtype(run: RunConfig) -> torch.dtype:
+    return COMPUTE_DTYPES[compute_dtype_name(run)]
+
+
 def load_reference(run: RunConfig, source: str, sharded: bool = False):
     """The frozen starting model of the KL term, stored in the compute dtype: it is never updated, so it needs
     no float32 masters (bf16 compute: half the memory)."""
-    model, _ = load_model(run, source, dtype=run.compute_dtype, trainable=False, sharded=sharded)
+    model, _ = load_model(run, source, dtype=compute_dtype_name(run), trainable=False, sharded=sharded)
     return model.requires_grad_(False)
 
 
@@ -356,7 +365,7 @@ def run_sft(
             config=sft,
             run_dir=out,
             console_log=progress,
-            compute_dtype=COMPUTE_DTYPES[run.compute_dtype],
+            compute_dtype=compute_dtype(run),
         )
     except ValueError as err:  # settings that do not fit the data (e.g. every pair over sft.max_length)
         raise PipelineError(f"sft: {err}") from None
@@ -400,7 +409,7 @@ def run_grpo(
                 policy,
                 tokenizer,
                 out / "vllm_weights",
-                COMPUTE_DTYPES[run.compute_dtype],
+                compute_dtype(run),
                 token_rule(run, generator_config),
             )
         except ImportError as err:
@@ -417,7 +426,7 @@ def run_grpo(
                     run_dir=out,
                     ref_model=ref_model,
                     console_log=progress,
-                    compute_dtype=COMPUTE_DTYPES[run.compute_dtype],
+                    compute_dtype=compute_dtype(run),
                 )
             except ValueError as err:  # settings that do not fit this launch (e.g. the number of ranks)
                 raise PipelineError(f"grpo: {err}") from None
@@ -561,7 +570,7 @@ def write_samples(
             policy,
             tokenizer,
             out.parent / f".{out.stem}-engine",
-            COMPUTE_DTYPES[run.compute_dtype],
+            compute_dtype(run),
             token_rule(run, generator_config),
         )
     except ImportError as err:

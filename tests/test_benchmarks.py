@@ -152,6 +152,19 @@ def test_trl_side_by_side(quick_run):
         assert step["verdict"] in ("faster", "slower", "tie") and step["min"] <= step["median"] <= step["max"]
 
 
+def test_the_best_variant_takes_each_sides_fastest_dtype_of_that_length():
+    def summary(**step_s):
+        return {"sides": {side.replace("_", "-"): {"step_s": {"median": s}} for side, s in step_s.items()}}
+
+    variants = {
+        "fixed-float32": summary(ours_hf=2.0, trl_hf=1.0),
+        "fixed-bfloat16": summary(ours_hf=1.0, trl_hf=3.0),
+        "sampled-bfloat16": summary(ours_hf=9.0, trl_hf=0.1),  # another length: not compared
+    }
+    chosen = grpo_step.best_dtypes(variants, "fixed", ["ours-hf", "trl-hf", "ours-vllm"])
+    assert chosen == {"ours-hf": "bfloat16", "trl-hf": "float32", "ours-vllm": "float32"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
 def test_the_gpu_check_stops_at_once_without_a_gpu():
     """benchmarks/gpu_check.sh on a CPU-only machine: exit 2 with a one-line reason, before building anything."""

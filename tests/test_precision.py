@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grpo.optim import build_adamw
-from grpo.precision import PrecisionError, compute_context, updatable_fraction
+from grpo.precision import PrecisionError, compute_context, resolve_compute_dtype, updatable_fraction
 from grpo.sft import SFTConfig, SFTTrainer
 from tests.test_sft import PAIRS
 from tests.test_trainer import make_trainer
@@ -76,6 +76,19 @@ def test_compute_context_autocasts_only_over_wider_masters():
 
 
 # ------------------------------------------------------------------------------ the trainers
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected",
+    [(False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")],
+)
+def test_auto_compute_dtype_is_bf16_only_on_a_cpu_that_multiplies_it_natively(
+    monkeypatch, avx512_bf16, amx, expected
+):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_compute_dtype("auto", "cpu") == expected
+    assert [resolve_compute_dtype(name, "cpu") for name in ("float32", "bfloat16")] == ["float32", "bfloat16"]
 
 
 def test_bf16_compute_over_fp32_masters_trains_at_lr_1e6_like_fp32(tmp_path):
