@@ -143,7 +143,7 @@ def gemm_rate(dtype: torch.dtype, sizes: Sequence[int] = (512, 1024, 2048), seco
     would otherwise spend minutes on the 2048 matmuls)."""
     best = 0.0
     ascending = sorted(sizes)
-    for index, n in enumerate(ascending):
+    for n, following in zip(ascending, [*ascending[1:], None], strict=True):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         a @ b
         count, start = 0, time.perf_counter()
@@ -151,7 +151,6 @@ def gemm_rate(dtype: torch.dtype, sizes: Sequence[int] = (512, 1024, 2048), seco
             a @ b
             count += 1
         best = max(best, 2 * n**3 * count / elapsed)
-        following = ascending[index + 1] if index + 1 < len(ascending) else None
         if following and elapsed / count * (following / n) ** 3 > seconds:
             break
     return best

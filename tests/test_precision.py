@@ -75,9 +75,6 @@ def test_compute_context_autocasts_only_over_wider_masters():
     assert compute_context(model.bfloat16(), torch.bfloat16)().__class__.__name__ == "nullcontext"
 
 
-# ------------------------------------------------------------------------------ the trainers
-
-
 @pytest.mark.parametrize(
     "avx512_bf16, amx, expected",
     [(False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")],
@@ -89,6 +86,9 @@ def test_auto_compute_dtype_is_bf16_only_on_a_cpu_that_multiplies_it_natively(
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert resolve_compute_dtype("auto", "cpu") == expected
     assert [resolve_compute_dtype(name, "cpu") for name in ("float32", "bfloat16")] == ["float32", "bfloat16"]
+
+
+# ------------------------------------------------------------------------------ the trainers
 
 
 def test_bf16_compute_over_fp32_masters_trains_at_lr_1e6_like_fp32(tmp_path):
