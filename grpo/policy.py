@@ -73,10 +73,13 @@ def response_logprobs(
     ).logits
     if temperature != 1.0:
         response_logits = response_logits / temperature
+    # Where the logits are, which need not be where the weights are kept: an FSDP2 model offloaded to host
+    # memory (the reference on a GPU) stores its shards on the CPU and computes on the GPU.
+    computed_on = response_logits.device
     if masks is not None:
-        allowed = masks.allowed(device)
+        allowed = masks.allowed(computed_on)
         response_logits = response_logits.masked_fill(~allowed, torch.finfo(response_logits.dtype).min)
-    logprobs = token_logprobs(response_logits, response_ids.to(device))
+    logprobs = token_logprobs(response_logits, response_ids.to(computed_on))
     entropy = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):

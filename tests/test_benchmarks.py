@@ -183,3 +183,29 @@ def test_the_gpu_check_stops_at_once_without_a_gpu():
         == f"gpu check: cannot run: no CUDA device here (torch {torch.__version__}); "
         + ("the GPU check needs one GPU")
     )
+
+
+def test_the_gpu_check_runs_end_to_end_at_a_toy_size_on_the_cpu(tmp_path):
+    """The GPU check's own code, run where no GPU is (tiny shape, CPU, gloo, no vLLM), so that it is known to
+    run before a GPU is lent: both compute dtypes train the fp32 masters, the one-rank torchrun launch shards
+    and trains, and the JSON holds the per-phase bf16 ratio."""
+    out = tmp_path / "gpu_check.json"
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--shape", "tiny"]
+    done = subprocess.run(
+        [*command, "--steps", "2", "--no-vllm", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    for dtype in ("float32", "bfloat16"):
+        assert len(result[f"grpo_steps_{dtype}"]) == 2
+        assert result[f"masters_moved_{dtype}"] > 0.9
+        assert result[f"master_dtypes_{dtype}"] == ["torch.float32"]
+    sharded = result["sharded"]
+    assert (sharded["backend"], sharded["reference_shards_on"]) == ("gloo", "cpu")
+    assert sharded["masters_moved"] > 0.9 and sharded["master_dtypes"] == ["torch.float32"]
+    assert "step" in result["bf16_speedup"] and result["vllm"].startswith("not run")
+    assert result["passed"] is True and done.stdout.strip().endswith("gpu check passed")

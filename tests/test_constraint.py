@@ -333,6 +333,46 @@ def scored(model, rollout: Rollout, masks=None, **kwargs):
     )
 
 
+class StoredElsewhere(torch.nn.Module):
+    """A model whose weights are kept on one device and whose logits come out on another, as an FSDP2 model
+    offloaded to host memory does on a GPU (shards on the CPU, compute on the GPU). The meta device stands for
+    where the weights are kept, so the inputs arrive there as data-less tensors; the forward runs `model` on
+    the CPU over `rollout`'s own rows, the same forward that response_logprobs asks for."""
+
+    def __init__(self, model, rollout: Rollout):
+        super().__init__()
+        self.model = model
+        self.rows = concat_prompt_response(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask
+        )
+        self.response_len = rollout.response_ids.shape[1]
+        self.stored = torch.nn.Parameter(torch.zeros(1, device="meta"))
+
+    def parameters(self, recurse: bool = True):
+        yield self.stored
+
+    def forward(self, **meta_inputs):
+        input_ids, attention_mask, position_ids = self.rows
+        total_len = input_ids.shape[1]
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=torch.arange(total_len - self.response_len - 1, total_len - 1),
+        )
+
+
+def test_masked_logprobs_are_taken_where_the_model_computes_not_where_it_keeps_its_weights(toy, base_model):
+    _, rollout, _ = toy
+    model = copy.deepcopy(base_model).eval()
+    with torch.no_grad():
+        expected, _ = scored(model, rollout, rollout.masks)
+        offloaded, _ = scored(StoredElsewhere(model, rollout), rollout, rollout.masks)
+    assert offloaded.device.type == "cpu"
+    torch.testing.assert_close(offloaded, expected, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_masked_logprobs_are_the_log_softmax_over_the_allowed_tokens(toy, base_model, temperature):
     _, rollout, kinds = toy
