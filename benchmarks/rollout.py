@@ -14,7 +14,11 @@ therefore per unit of decoding work: HF decodes every row until the longest is d
 finished rows padded), vLLM only the real tokens. Neither is exact for vLLM: its step costs nearly the same
 however few rows are left, so real tokens charge a mode its short responses, and rows x steps credits them
 (the markdown gives both). Overhead = work/s(none) / work/s(mode) - 1 (target <= 0.15 at batch 32). A vLLM
-call's time includes replaying its masks (the trainer scores with them). HF has two more modes, the
+call's time includes replaying its masks (the trainer scores with them). Each repeat samples with a seed of
+its own (the same for every mode), so no repeat finds the rules' caches filled by the one before, as a
+training step would not. An HF row also gives the constraint's own time: the seconds spent in its logits
+processor (grammar and rules) over the rest of the call, which the machine's noise between calls does not
+blur. HF has two more modes, the
 formula grammar with crystals' token rules (which read each row's text): ``formula+separation`` at
 ``separation``, and ``formula+volume+separation`` adding the cell-volume rule at ``volume_floor`` and
 ``volume_ceiling`` (the demo's default sampling); the separation rule builds a free grid per atom written, so
@@ -25,8 +29,11 @@ its cost grows with the atoms written.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from benchmarks.common import (
@@ -42,7 +49,7 @@ from benchmarks.common import (
 from crystals.cell_volume import CellVolumeRule
 from crystals.grammar import structure_grammar
 from crystals.separation import SeparationRule
-from grpo.constraint import TokenRule, TokenRules
+from grpo.constraint import ConstraintLogitsProcessor, TokenRule, TokenRules
 from grpo.generation import HFGenerator, SamplingConfig
 from grpo.models import save_model
 
@@ -57,6 +64,7 @@ class RolloutBenchConfig:
     seed: int = 0
     constraints: tuple[str, ...] = ("none", "format", "elements", "formula")
     constraint_batch: int = 32
+    constraint_repeats: int = 6  # the modes differ by a few %: more calls than the sweep's
     separation: float = 0.5  # the HF-only rule modes' separation scale (0: no such rows)
     volume_floor: float = 0.9  # and the cell-volume rule's bounds (both 0: no "formula+volume+separation")
     volume_ceiling: float = 150.0
@@ -64,7 +72,12 @@ class RolloutBenchConfig:
 
 
 QUICK = RolloutBenchConfig(
-    batch_sizes=(1, 4), max_new_tokens=8, repeats=1, constraints=("none", "formula"), constraint_batch=4
+    batch_sizes=(1, 4),
+    max_new_tokens=8,
+    repeats=1,
+    constraints=("none", "formula"),
+    constraint_batch=4,
+    constraint_repeats=1,
 )
 
 
@@ -93,6 +106,26 @@ def time_generator(generator, task: BenchTask, batch: int, cfg: RolloutBenchConf
     }
 
 
+@contextmanager
+def processor_seconds() -> Iterator[list[float]]:
+    """The seconds each call of an HF constraint's logits processor takes inside the block, as they come."""
+    calls: list[float] = []
+    process = ConstraintLogitsProcessor.__call__
+
+    def timed(self, input_ids, scores):
+        start = time.perf_counter()
+        try:
+            return process(self, input_ids, scores)
+        finally:
+            calls.append(time.perf_counter() - start)
+
+    ConstraintLogitsProcessor.__call__ = timed
+    try:
+        yield calls
+    finally:
+        ConstraintLogitsProcessor.__call__ = process
+
+
 def time_constraints(generators: dict, kind: str, task: BenchTask, cfg: RolloutBenchConfig) -> list[dict]:
     """One row per constraint mode (`generators`: mode -> the generator that samples it) at
     ``constraint_batch`` samples: tokens/s, decoding work/s and the overhead over "none" (see the module
@@ -111,15 +144,19 @@ def time_constraints(generators: dict, kind: str, task: BenchTask, cfg: RolloutB
     for mode in modes:  # warm-up, and each grammar compiled once outside the timing
         generators[mode].generate(texts, group, sampling, specs[mode])
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    own: dict[str, list[float]] = {mode: [] for mode in modes}  # in the HF constraint's processor
     tokens: dict[str, list[int]] = {mode: [] for mode in modes}
     work: dict[str, list[int]] = {mode: [] for mode in modes}
     steps: dict[str, list[int]] = {mode: [] for mode in modes}  # rows x steps
-    for repeat in range(cfg.repeats):
+    for repeat in range(cfg.constraint_repeats):
         order = modes if repeat % 2 == 0 else modes[::-1]
+        drawn = dataclasses.replace(sampling, seed=cfg.seed + 1 + repeat)  # not the warm-up's samples
         for mode in order:
-            start = time.perf_counter()
-            rollout = generators[mode].generate(texts, group, sampling, specs[mode])
-            seconds[mode].append(time.perf_counter() - start)
+            with processor_seconds() as processing:
+                start = time.perf_counter()
+                rollout = generators[mode].generate(texts, group, drawn, specs[mode])
+                seconds[mode].append(time.perf_counter() - start)
+            own[mode].append(sum(processing))
             tokens[mode].append(int(rollout.response_mask.sum()))
             # HF decodes every row for the batch's longest response; vLLM only each response's own tokens
             work[mode].append(rollout.response_ids.numel() if kind == "hf" else tokens[mode][-1])
@@ -138,6 +175,8 @@ def time_constraints(generators: dict, kind: str, task: BenchTask, cfg: RolloutB
                 "response_tokens_mean": sum(tokens[mode]) / len(tokens[mode]) / (len(prompts) * group),
             }
         )
+        if kind == "hf":  # (vLLM's constraint runs inside its engine)
+            rows[-1]["own_overhead"] = sum(own[mode]) / (sum(seconds[mode]) - sum(own[mode]))
     base = next((r for r in rows if r["constraint"] == "none"), None)
     for r in rows:
         if base is not None:
@@ -259,18 +298,21 @@ def markdown(result: dict) -> str:
             f"Constrained decoding at batch {cfg['constraint_batch']} (grammar per prompt from "
             "crystals.grammar.structure_grammar; modes alternating; overhead = decoding work/s without a "
             "constraint over with it, minus 1: HF decodes rows x steps, vLLM real tokens; vLLM's time includes "
-            "replaying the masks; per step: rows x steps for both):",
+            "replaying the masks; per step: rows x steps for both; its own time: HF's seconds in the "
+            "constraint's logits processor over the rest of the call; a seed per repeat, "
+            f"{cfg.get('constraint_repeats', cfg['repeats'])} repeats):",
             "",
             "| generator | constraint | tokens/s | decoding work/s | tokens per response | overhead | "
-            "per step |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "per step | its own time |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in result["constraint_rows"]:
             overhead = f"{100 * r['overhead']:+.1f} %" if "overhead" in r else "-"
             per_step = f"{100 * r['overhead_per_step']:+.1f} %" if "overhead_per_step" in r else "-"
+            own = f"{100 * r['own_overhead']:.1f} %" if "own_overhead" in r else "-"
             lines.append(
                 f"| {r['generator']} | {r['constraint']} | {r['tokens_per_s']:.1f} | {r['work_per_s']:.1f} | "
-                f"{r['response_tokens_mean']:.1f} | {overhead} | {per_step} |"
+                f"{r['response_tokens_mean']:.1f} | {overhead} | {per_step} | {own} |"
             )
         worst = max((r["overhead"] for r in result["constraint_rows"] if "overhead" in r), default=None)
         if worst is not None:
@@ -280,6 +322,9 @@ def markdown(result: dict) -> str:
                 f"Largest overhead {100 * worst:.1f} % (target <= {100 * cfg['target_overhead']:.0f} %: "
                 f"{verdict}).",
             ]
+        own = max((r["own_overhead"] for r in result["constraint_rows"] if "own_overhead" in r), default=None)
+        if own is not None:
+            lines[-1] += f" HF's largest own time {100 * own:.1f} %."
     for row, reason in result.get("missing", {}).items():
         lines.append(f"- missing {row}: {reason}")
     return "\n".join(lines)

@@ -122,13 +122,24 @@ def smallest_box(text: str) -> float:
 def _largest_shape_factor(angles: list[np.ndarray]) -> float:
     """max of sqrt(1 - cos^2 a - cos^2 b - cos^2 g + 2 cos a cos b cos g) (V / abc) over the angles' choices,
     unwritten angles free. With an angle free it is bounded by sin a sin b over the other two (its maximum
-    over the free angle), and by 1."""
+    over the free angle), and by 1. (Plain floats: the choices are a few dozen at most, where numpy's
+    per-call cost is most of the time.)"""
     if len(angles) == 3:
-        a, b, g = np.meshgrid(*(np.cos(np.radians(x)) for x in angles), indexing="ij")
-        squared = 1 - a**2 - b**2 - g**2 + 2 * a * b * g
-        return float(np.sqrt(np.clip(squared, 0, None)).max())
-    sines = [float(np.sin(np.radians(x)).max()) for x in angles] + [1.0] * (2 - len(angles))
+        cos_a, cos_b, cos_g = ([_cosine(x) for x in choices] for choices in angles)
+        squared = max(1 - a * a - b * b - g * g + 2 * a * b * g for a in cos_a for b in cos_b for g in cos_g)
+        return math.sqrt(max(squared, 0.0))
+    sines = [max(_sine(x) for x in choices) for choices in angles] + [1.0] * (2 - len(angles))
     return sines[0] * sines[1]
+
+
+@functools.cache
+def _cosine(degrees: float) -> float:
+    return math.cos(math.radians(degrees))
+
+
+@functools.cache
+def _sine(degrees: float) -> float:
+    return math.sin(math.radians(degrees))
 
 
 def _symbols_begun(fields: list[str], growing: bool) -> tuple[tuple[str, ...], bool]:

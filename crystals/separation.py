@@ -26,6 +26,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from ase.data import atomic_numbers, covalent_radii
@@ -49,8 +50,27 @@ def free_grid(
     across the planes of the other two axes), so an image can only block the grid points within t / w_i of it
     along every axis: each image is tested on that box alone, which is why a whole grid costs ~10-20 ms for
     20 atoms (a plane at a time cost ~1.5 ms per plane, 100 planes per atom)."""
-    widths = plane_spacings(matrix)
-    metric = matrix @ matrix.T
+    return _narrowed(_geometry(matrix), sites, thresholds, free)
+
+
+def _geometry(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A cell's widths across its planes (crystals.guard.plane_spacings) and its metric M M^T."""
+    return plane_spacings(matrix), matrix @ matrix.T
+
+
+@functools.lru_cache(maxsize=1024)  # every atom of a row asks for its lattice's
+def _lattice_geometry(lattice: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return _geometry(Lattice.from_parameters(*(float(v) for v in lattice)).matrix)
+
+
+def _narrowed(
+    geometry: tuple[np.ndarray, np.ndarray],
+    sites: np.ndarray,
+    thresholds: np.ndarray,
+    free: np.ndarray | None = None,
+) -> np.ndarray:
+    """free_grid with the cell's `_geometry`."""
+    widths, metric = geometry
     free = np.ones((GRID, GRID, GRID), dtype=bool) if free is None else free.copy()
     for site, threshold in zip(sites, thresholds, strict=True):
         spans = [_image_spans(site[i], threshold / widths[i]) for i in range(3)]
@@ -83,13 +103,22 @@ def _image_spans(position: float, reach: float) -> list[tuple[np.ndarray, np.nda
 class _FreeGrid:
     """The free points of one atom's grid. Every candidate token asks for a box of it, and the boxes of one
     step differ only along the coordinate being written: along that line, running counts of free points (one
-    per line the atom's tokens reach, built as first asked) answer each box in O(1)."""
+    per line the atom's tokens reach, built as first asked) answer each box in O(1), and a step's candidates
+    on one line all at once."""
 
     def __init__(self, points: np.ndarray):
         points.flags.writeable = False  # shared by every caller of the cache
         self.points = points  # bool [GRID, GRID, GRID]
         self.planes = points.any(axis=(1, 2))  # bool [GRID]: whether the plane at each x has a free point
-        self._running: dict[tuple[int, ...], list[int]] = {}
+        self._running: dict[tuple[int, ...], np.ndarray] = {}
+
+    def running(self, fixed: tuple[int, ...]) -> np.ndarray:
+        """[GRID + 1]: the free points (planes, lines) before each index of the line at the `fixed` indices."""
+        running = self._running.get(fixed)
+        if running is None:
+            line = self.planes if not fixed else self.points[fixed].reshape(GRID, -1).any(axis=1)
+            running = self._running[fixed] = np.concatenate(([0], np.cumsum(line)))
+        return running
 
     def has_free(self, coordinates: tuple[str, ...]) -> bool | None:
         """Whether some grid point an atom whose coordinates begin with `coordinates` may end at is free;
@@ -97,25 +126,90 @@ class _FreeGrid:
         box = _box(coordinates)
         if box is None:
             return None
-        (x0, x1), (y0, y1), (z0, z1) = box
-        whole_z = z1 - z0 == GRID
-        if whole_z and y1 - y0 == GRID:  # along x
-            fixed, low, high = (), x0, x1
-        elif whole_z and x1 - x0 == 1:  # along y at one x
-            fixed, low, high = (x0,), y0, y1
-        elif x1 - x0 == 1 and y1 - y0 == 1:  # along z at one (x, y)
-            fixed, low, high = (x0, y0), z0, z1
-        else:  # a token that writes two unfinished coordinates at once
-            return bool(self.points[x0:x1, y0:y1, z0:z1].any())
-        running = self._running.get(fixed)
-        if running is None:
-            line = self.planes if not fixed else self.points[fixed].reshape(GRID, -1).any(axis=1)
-            running = self._running[fixed] = [0, *np.cumsum(line).tolist()]
-        return running[high] > running[low]
+        line = _line_of(box)
+        if line is None:  # a token that writes two unfinished coordinates at once
+            return bool(self.points[tuple(slice(*r) for r in box)].any())
+        fixed, low, high = line
+        running = self.running(fixed)
+        return bool(running[high] > running[low])
+
+
+def _line_of(box: tuple[tuple[int, int], ...]) -> tuple[tuple[int, ...], int, int] | None:
+    """A box as (the indices it fixes, low, high) when it runs along one line of the grid: all of x (an atom
+    with no coordinate written), a range of y at one x, or a range of z at one (x, y); else None."""
+    (x0, x1), (y0, y1), (z0, z1) = box
+    whole_z = z1 - z0 == GRID
+    if whole_z and y1 - y0 == GRID:  # along x
+        return (), x0, x1
+    if whole_z and x1 - x0 == 1:  # along y at one x
+        return (x0,), y0, y1
+    if x1 - x0 == 1 and y1 - y0 == 1:  # along z at one (x, y)
+        return (x0, y0), z0, z1
+    return None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a step's candidates write of the current atom past its `written` complete coordinates, the same
+    whatever those coordinates are (so built once per unfinished field and candidate set, not per atom): the
+    boxes along one line of the grid as arrays, grouped by the line's axis and the indices the tokens fix
+    (lows and highs along it), the other boxes one by one, and the tokens that write past the atom."""
+
+    written: int
+    lines: tuple[tuple[int, tuple[int, ...], np.ndarray, np.ndarray, np.ndarray], ...]
+    boxes: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
+    beyond: tuple[int, ...]
+
+    def blocked(self, grid: _FreeGrid, written_at: tuple[int, ...]) -> list[int]:
+        """The tokens whose every completion of the atom is taken in `grid`, the written coordinates at grid
+        indices `written_at`."""
+        out = []
+        for axis, fixed, tokens, low, high in self.lines:
+            running = grid.running((written_at + fixed)[:axis])
+            if axis < self.written:  # along a written coordinate (the tokens write no more of it)
+                if running[written_at[axis] + 1] <= running[written_at[axis]]:
+                    out += tokens.tolist()
+            else:
+                out += tokens[running[high] <= running[low]].tolist()
+        head = tuple((i, i + 1) for i in written_at)
+        for token, ranges in self.boxes:
+            box = head + ranges + ((0, GRID),) * (3 - len(head) - len(ranges))
+            if not grid.points[tuple(slice(*r) for r in box)].any():
+                out.append(token)
+        return out
+
+
+def _plan(written: int, unfinished: str, candidates: tuple[int, ...], token_texts: Sequence[str]) -> _Plan:
+    """The plan after `written` complete coordinates and the text `unfinished` after them (a space, or a
+    space and the coordinate being written)."""
+    lines: dict[tuple[int, tuple[int, ...]], list[tuple[int, int, int]]] = {}
+    boxes, beyond = [], []
+    for token in candidates:
+        fields = (unfinished + token_texts[token]).split()
+        if written + len(fields) > 3:
+            beyond.append(token)
+            continue
+        ranges = tuple(_grid_range(field) for field in fields)
+        if written + len(fields) == 0 or None in ranges:  # no coordinate, or not one the grammar writes
+            continue
+        # the written coordinates stand in as index 0: a line's kind depends on their widths (one), not on
+        # where they are
+        line = _line_of(((0, 1),) * written + ranges + ((0, GRID),) * (3 - written - len(ranges)))
+        if line is None:
+            boxes.append((token, ranges))
+        else:
+            fixed, low, high = line
+            lines.setdefault((len(fixed), fixed[written:]), []).append((token, low, high))
+    arrays = tuple(
+        (axis, fixed, *(np.array(column, dtype=np.int64) for column in zip(*members, strict=True)))
+        for (axis, fixed), members in lines.items()
+    )
+    return _Plan(written, arrays, tuple(boxes), tuple(beyond))
 
 
 _GRIDS: OrderedDict[tuple, _FreeGrid | None] = OrderedDict()
 _GRIDS_KEPT = 256  # 1 MB each; a batch writes one atom per row at a time
+_PLANS_KEPT = 4096  # ~111 unfinished coordinates at each of three places, a few candidate sets each
 
 
 def _free_grid_of(
@@ -130,15 +224,15 @@ def _free_grid_of(
         _GRIDS.move_to_end(key)
         return _GRIDS[key]
     try:
-        matrix = Lattice.from_parameters(*(float(v) for v in lattice)).matrix
+        geometry = _lattice_geometry(lattice)
         sites = np.array([[float(v) for v in atoms[i + 1 : i + 4]] for i in range(0, len(atoms), 4)])
         radii = covalent_radii[[atomic_numbers[atoms[i]] for i in range(0, len(atoms), 4)]]
         thresholds = scale * (radii + covalent_radii[atomic_numbers[element]])
         earlier = _GRIDS.get((lattice, atoms[:-4], element, scale)) if atoms else None
         if earlier is not None:
-            points = free_grid(matrix, sites[-1:], thresholds[-1:], earlier.points)
+            points = _narrowed(geometry, sites[-1:], thresholds[-1:], earlier.points)
         else:
-            points = free_grid(matrix, sites, thresholds)
+            points = _narrowed(geometry, sites, thresholds)
     except (ValueError, KeyError, IndexError):  # leave malformed text to the grammar
         result = None
     else:
@@ -157,6 +251,22 @@ class SeparationRule:
         if not scale > 0:
             raise ValueError(f"the separation scale must be > 0, got {scale!r}")
         self.scale = scale
+        self._plans: OrderedDict[tuple[int, str, tuple[int, ...]], _Plan] = OrderedDict()
+        self._plans_for: Sequence[str] | None = None  # the vocabulary the plans were made for (held)
+
+    def _plan(
+        self, written: int, unfinished: str, candidates: Sequence[int], token_texts: Sequence[str]
+    ) -> _Plan:
+        if token_texts is not self._plans_for:
+            self._plans.clear()
+            self._plans_for = token_texts
+        key = (written, unfinished, tuple(candidates))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _plan(written, unfinished, key[2], token_texts)
+            if len(self._plans) > _PLANS_KEPT:
+                self._plans.popitem(last=False)
+        return plan
 
     @staticmethod
     def _state(text: str) -> tuple[tuple[str, ...], tuple[str, ...], list[str]] | None:
@@ -204,17 +314,23 @@ class SeparationRule:
 
         before = tuple(current[1:])  # the current atom's coordinates before the token
         # Most candidates only write more of the current atom, whose element is written: its grid and whether
-        # the text before them left it a free point are the same for all of them.
+        # the text before them left it a free point are the same for all of them, and what each writes of it
+        # depends on its coordinates so far alone (the plan).
         inside = bool(earlier) and bool(current) and (len(current) > 1 or text[-1].isspace())
-        grid = grid_of(earlier, current[0]) if inside else None
-        left_free = grid is not None and grid.has_free(before)
-        forbidden = []
-        for token in candidates:
+        forbidden, rest = [], candidates
+        if inside:
+            grid = grid_of(earlier, current[0])
+            complete = before if text[-1].isspace() else before[:-1]
+            unfinished = " " + ("" if text[-1].isspace() else before[-1])
+            written_at = [_grid_range(c) for c in complete]
+            # (complete coordinates the grammar would not write, a range each: the loop below, token by token)
+            if all(r is not None and r[1] - r[0] == 1 for r in written_at):
+                plan = self._plan(len(complete), unfinished, candidates, token_texts)
+                if grid is not None and grid.has_free(before):
+                    forbidden = plan.blocked(grid, tuple(r[0] for r in written_at))
+                rest = plan.beyond
+        for token in rest:
             prior, fields = earlier, (tail + token_texts[token]).split()
-            if inside and len(fields) <= 4:
-                if left_free and len(fields) > 1 and grid.has_free(tuple(fields[1:])) is False:
-                    forbidden.append(token)
-                continue
             for start in range(0, len(fields), 4):
                 element, coordinates = fields[start], tuple(fields[start + 1 : start + 4])
                 # what the text before the token left this atom: its coordinates there, or the whole cell
@@ -223,6 +339,9 @@ class SeparationRule:
                         forbidden.append(token)
                         break
                 prior += tuple(fields[start : start + 4])
+        if rest is not candidates:  # in the candidates' order
+            out = set(forbidden)
+            forbidden = [token for token in candidates if token in out]
         return forbidden
 
 

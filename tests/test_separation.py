@@ -115,6 +115,21 @@ def test_forbidden_tokens_are_those_whose_completions_all_overlap():
     assert [digits[i] for i in rule.forbidden(text + " 0.3", range(10), digits)] == ["0", "1", "2", "3"]
 
 
+def test_a_plan_made_for_one_atom_answers_for_another_atom_with_the_same_coordinates_so_far():
+    """The rule keeps, per coordinates written so far, what each candidate writes (its plan); the answers
+    still come from each atom's own grid: a Cl at (0, 0) beside Na at the origin of the 4 A cube and beside
+    Na at (0, 0, 0.5) of a 6 A cube get their own z bans, the second the same as from a fresh rule."""
+    whole = [f" 0.{k:02d}" for k in range(GRID)]
+    near = f"{LATTICE}\nNa 0.00 0.00 0.00\nCl 0.00 0.00"
+    far = "6.0 6.0 6.0 90 90 90\nNa 0.00 0.00 0.50\nCl 0.00 0.00"
+    rule = SeparationRule(0.5)
+    assert set(rule.forbidden(near, range(GRID), whole)) == {k for k in range(GRID) if not 34 <= k <= 66}
+    reused = rule.forbidden(far, range(GRID), whole)
+    assert reused == SeparationRule(0.5).forbidden(far, range(GRID), whole)
+    # Na-Cl needs 1.34 A: z within 0.22 of 0.50 is taken
+    assert set(reused) == {k for k in range(GRID) if abs(k - 50) < 23}
+
+
 def test_y_is_never_chosen_where_no_z_is_free():
     """A 2 A high cell: Cl at x = 0 next to Na at the origin is taken at every z for y near 0 (and near 1, by
     periodicity); those y are forbidden, whole or by their first digit, and the rest (where some z is free)
