@@ -38,31 +38,11 @@ from tempfile import TemporaryDirectory
 
 import torch
 
+# hidden size, MLP size, layers, query heads, KV heads; the vocabulary is the benchmark tokenizer's
 SHAPES = {
-    # Qwen2.5-0.5B's decoder (config.json of Qwen/Qwen2.5-0.5B); the vocabulary is the benchmark tokenizer's.
-    "0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    ),
-    # Qwen2.5-3B's decoder: step times at a size where the GPU, not Python, sets the pace
-    "3b": dict(
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-    ),
-    # the same code at a toy size, for a run on the CPU
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
+    "0.5b": (896, 4864, 24, 14, 2),  # Qwen2.5-0.5B's decoder (its config.json)
+    "3b": (2048, 11008, 36, 16, 2),  # Qwen2.5-3B's: a size where the GPU, not Python, sets the pace
+    "tiny": (64, 128, 2, 4, 2),  # the same code at a toy size, for a run on the CPU
 }
 LR = 1e-6  # the paper's (A.1)
 RESPONSE_TOKENS = 64  # every response this long, so that two runs' steps do the same work
@@ -79,14 +59,19 @@ def unavailable(device: str) -> str | None:
 def build_model(tokenizer, shape: str, device: torch.device):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    hidden, mlp, layers, heads, kv_heads = SHAPES[shape]
     config = Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **SHAPES[shape],
     )
     torch.manual_seed(0)
     with device:  # initialized where it runs: a 3B model's init on the host would take minutes
