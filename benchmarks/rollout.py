@@ -300,7 +300,7 @@ def markdown(result: dict) -> str:
             "constraint over with it, minus 1: HF decodes rows x steps, vLLM real tokens; vLLM's time includes "
             "replaying the masks; per step: rows x steps for both; its own time: HF's seconds in the "
             "constraint's logits processor over the rest of the call; a seed per repeat, "
-            f"{cfg.get('constraint_repeats', cfg['repeats'])} repeats):",
+            f"{cfg['constraint_repeats']} repeats):",
             "",
             "| generator | constraint | tokens/s | decoding work/s | tokens per response | overhead | "
             "per step | its own time |",

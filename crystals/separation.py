@@ -120,6 +120,10 @@ class _FreeGrid:
             running = self._running[fixed] = np.concatenate(([0], np.cumsum(line)))
         return running
 
+    def box_has_free(self, box: tuple[tuple[int, int], ...]) -> bool:
+        """Whether the box of grid index ranges [start, stop) along x, y and z holds a free point."""
+        return bool(self.points[tuple(slice(*r) for r in box)].any())
+
     def has_free(self, coordinates: tuple[str, ...]) -> bool | None:
         """Whether some grid point an atom whose coordinates begin with `coordinates` may end at is free;
         None when they are not coordinates the grammar writes."""
@@ -128,7 +132,7 @@ class _FreeGrid:
             return None
         line = _line_of(box)
         if line is None:  # a token that writes two unfinished coordinates at once
-            return bool(self.points[tuple(slice(*r) for r in box)].any())
+            return self.box_has_free(box)
         fixed, low, high = line
         running = self.running(fixed)
         return bool(running[high] > running[low])
@@ -173,8 +177,7 @@ class _Plan:
                 out += tokens[running[high] <= running[low]].tolist()
         head = tuple((i, i + 1) for i in written_at)
         for token, ranges in self.boxes:
-            box = head + ranges + ((0, GRID),) * (3 - len(head) - len(ranges))
-            if not grid.points[tuple(slice(*r) for r in box)].any():
+            if not grid.box_has_free(head + ranges + ((0, GRID),) * (3 - len(head) - len(ranges))):
                 out.append(token)
         return out
 
