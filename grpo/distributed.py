@@ -81,6 +81,18 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def compute_device(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s forward runs, so where its inputs and everything combined with its outputs belong: where
+    its parameters are, except for an FSDP2 model offloaded to host memory (CPUOffloadPolicy: the reference on
+    an accelerator, the policy with `fsdp_offload_params`), whose shards sit on the CPU while it computes on
+    its mesh's accelerator, this process's (FSDP moves the forward's inputs there, nothing else)."""
+    param = next(model.parameters())
+    mesh = getattr(param, "device_mesh", None)  # FSDP2's shards are DTensors on a device mesh
+    if mesh is not None and mesh.device_type != param.device.type:
+        return device()
+    return param.device
+
+
 def resolve_device(spec: str) -> torch.device:
     """The device a `run.device` setting names: "auto" (this process's GPU when there is one, else the CPU),
     "cpu", "cuda" (this process's GPU: LOCAL_RANK under torchrun) or "cuda:N" (one process only). ValueError,

@@ -23,6 +23,7 @@ from grpo.constraint import (
     concat_masks,
     min_length_masks,
 )
+from grpo.distributed import compute_device
 from grpo.precision import compute_context
 
 
@@ -255,7 +256,7 @@ class HFGenerator:
         check_min_length(sampling, constraints)
         was_training = self.model.training
         self.model.eval()
-        device = next(self.model.parameters()).device
+        device = compute_device(self.model)
         if sampling.temperature > 0:
             mode = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
@@ -352,7 +353,7 @@ def build_generator(
     from grpo.models import save_model
     from grpo.vllm_generator import VLLMGenerator, VLLMServerGenerator
 
-    device = next(model.parameters()).device
+    device = compute_device(model)
     if world_size() > 1:
         from grpo.sharded_rollouts import RankZeroGenerator
 

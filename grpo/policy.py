@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from grpo.constraint import TokenMasks
+from grpo.distributed import compute_device
 from grpo.losses import entropy_from_logits, token_logprobs
 
 
@@ -55,7 +56,7 @@ def response_logprobs(
     entropy's p * z stays 0 (not 0 * -inf = NaN): no probability mass and no gradient reach a disallowed token.
     A forced position (one allowed token) has log-probability exactly 0 and zero gradient.
     """
-    device = next(model.parameters()).device
+    device = compute_device(model)
     input_ids, attention_mask, position_ids = concat_prompt_response(
         prompt_ids, prompt_mask, response_ids, response_mask
     )

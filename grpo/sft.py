@@ -17,6 +17,7 @@ import torch
 
 from grpo.checkpoint import load_checkpoint, save_checkpoint
 from grpo.config import check_fields
+from grpo.distributed import compute_device
 from grpo.optim import IndexSampler, LRSchedule, build_adamw, build_scheduler
 from grpo.precision import compute_context
 from grpo.run_log import RunLogger, step_progress
@@ -99,7 +100,7 @@ def collate(items: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torc
 
 def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of the labelled tokens and their count."""
-    device = next(model.parameters()).device
+    device = compute_device(model)
     logits = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     ).logits

@@ -38,6 +38,7 @@ from grpo.advantages import AdvantageScale, group_advantages
 from grpo.checkpoint import load_checkpoint, save_checkpoint
 from grpo.config import check_fields
 from grpo.distributed import (
+    compute_device,
     gather_objects,
     gather_rows,
     is_main,
@@ -484,7 +485,7 @@ class GRPOTrainer:
         # each rank's part of a mini-batch is an equal share of its rows
         mini_batch_size = self._mini_batch_size(rollout) // self.world
         self.model.train()
-        device = next(self.model.parameters()).device
+        device = compute_device(self.model)
         max_len = cfg.max_new_tokens
         loss_mask = trainable_tokens(rollout)
         sums: Counter[str] = Counter()

@@ -6,13 +6,15 @@ follows it, and where a vLLM worker process goes and how it is synced. The GPU c
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import grpo.vllm_generator
 from cli import app
-from grpo.distributed import resolve_device
+from grpo.distributed import compute_device, resolve_device
 from grpo.generation import GeneratorConfig, build_generator
 from grpo.models import save_model
 from grpo.vllm_generator import _visible_name, worker_placement
@@ -50,6 +52,20 @@ def test_device_settings_resolve_to_this_process_gpu(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+def test_an_offloaded_sharded_model_computes_on_this_process_gpu_not_where_its_shards_are(monkeypatch):
+    """FSDP2 with CPUOffloadPolicy keeps the shards on the CPU (DTensors on a CUDA device mesh) and computes on
+    the GPU, so the inputs of every forward (rollout, scoring, update, SFT) go to this process's GPU; a plain
+    model, or one sharded on the CPU, computes where its weights are."""
+    fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    model = toy_model()
+    assert compute_device(model) == torch.device("cpu")
+    for mesh_type, expected in (("cuda", torch.device("cuda", 1)), ("cpu", torch.device("cpu"))):
+        for param in model.parameters():
+            param.device_mesh = SimpleNamespace(device_type=mesh_type)  # what an FSDP2 shard carries
+        assert compute_device(model) == expected
 
 
 @no_gpu
